@@ -248,6 +248,10 @@ pub enum TrustError {
     },
     #[error("key {kid} is not authorised to sign this document")]
     SignerNotAuthorised { kid: KeyId },
+    #[error("the signature by key {kid} does not verify")]
+    BadSignature { kid: KeyId },
+    #[error("key {kid} signed this document more than once")]
+    DuplicateSignature { kid: KeyId },
     #[error(
         "root version {offered} does not follow held version {held} (must be exactly {held} + 1)"
     )]
@@ -409,22 +413,36 @@ pub fn signature_report(sign: &Sign, authorised: &[PublicKey]) -> Vec<(KeyId, Si
         .collect()
 }
 
-fn require_threshold(
+/// Checks every signature on a trust document: each must be by a key
+/// authorised for it (in any of `sets`), appear once, and verify. Then each
+/// set's threshold must be met. A document carrying anything else is
+/// refused, so nothing unexplained rides along on a trust document.
+fn require_thresholds(
     sign: &Sign,
-    authorised: &[PublicKey],
-    threshold: u32,
-    which: &'static str,
+    sets: &[(&[PublicKey], u32, &'static str)],
 ) -> Result<(), TrustError> {
-    let valid = signature_report(sign, authorised)
-        .iter()
-        .filter(|(_, s)| *s == SignatureStatus::Valid)
-        .count();
-    if valid < threshold as usize {
-        return Err(TrustError::ThresholdNotMet {
-            which,
-            valid,
-            threshold,
-        });
+    let mut valid = BTreeSet::new();
+    for signer in &sign.signers {
+        let key = sets
+            .iter()
+            .flat_map(|(keys, _, _)| keys.iter())
+            .find(|k| k.kid() == signer.kid)
+            .ok_or(TrustError::SignerNotAuthorised { kid: signer.kid })?;
+        if !valid.insert(signer.kid) {
+            return Err(TrustError::DuplicateSignature { kid: signer.kid });
+        }
+        sign.verify_signer(signer, key)
+            .map_err(|_| TrustError::BadSignature { kid: signer.kid })?;
+    }
+    for (keys, threshold, which) in sets {
+        let count = keys.iter().filter(|k| valid.contains(&k.kid())).count();
+        if count < *threshold as usize {
+            return Err(TrustError::ThresholdNotMet {
+                which,
+                valid: count,
+                threshold: *threshold,
+            });
+        }
     }
     Ok(())
 }
@@ -603,11 +621,9 @@ fn check_window(
 /// threshold of its own root keys and not be expired.
 pub fn accept_first_root(bytes: &[u8], now: u64) -> Result<AcceptedRoot, TrustError> {
     let (doc, root) = RootDocument::decode(bytes)?;
-    require_threshold(
+    require_thresholds(
         doc.cose(),
-        &root.root_keys,
-        root.root_threshold,
-        "root keys",
+        &[(&root.root_keys, root.root_threshold, "root keys")],
     )?;
     check_window(
         "root",
@@ -642,17 +658,16 @@ pub fn accept_next_root(
             offered: root.version,
         });
     }
-    require_threshold(
+    require_thresholds(
         doc.cose(),
-        &held.root.root_keys,
-        held.root.root_threshold,
-        "previous root keys",
-    )?;
-    require_threshold(
-        doc.cose(),
-        &root.root_keys,
-        root.root_threshold,
-        "new root keys",
+        &[
+            (
+                &held.root.root_keys,
+                held.root.root_threshold,
+                "previous root keys",
+            ),
+            (&root.root_keys, root.root_threshold, "new root keys"),
+        ],
     )?;
     check_window(
         "root",
@@ -886,11 +901,9 @@ pub fn accept_list(
             found: list.root_version,
         });
     }
-    require_threshold(
+    require_thresholds(
         doc.cose(),
-        &root.list_keys,
-        root.list_threshold,
-        "list keys",
+        &[(&root.list_keys, root.list_threshold, "list keys")],
     )?;
     check_window(
         "root",
