@@ -63,7 +63,11 @@ fn leak<T>(v: T) -> &'static T {
 }
 
 fn request(net: &Net) -> Vec<u8> {
-    envelope::seal(&locate(), &seal_params(net, T0, [1; 16], &net.nodes[0].message)).unwrap()
+    envelope::seal(
+        &locate(),
+        &seal_params(net, T0, [1; 16], &net.nodes[0].message),
+    )
+    .unwrap()
 }
 
 struct Receiver {
@@ -243,7 +247,11 @@ fn hand_made(
     };
     header.trust_seq = Some(1);
     edit(&mut header);
-    let aad = message_aad(ProtocolId::Locate, &net.nodes[0].peer(), &net.nodes[1].peer());
+    let aad = message_aad(
+        ProtocolId::Locate,
+        &net.nodes[0].peer(),
+        &net.nodes[1].peer(),
+    );
     Sign1::sign(&header, payload, &aad, key).unwrap()
 }
 
@@ -268,13 +276,15 @@ fn refuses_other_algorithms() {
     );
 }
 
+type HeaderEdit = Box<dyn FnOnce(&mut ProtectedHeader)>;
+
 #[test]
 fn refuses_missing_claims_and_wrong_content_types() {
     let net = Net::new();
     let rx = Receiver::new(&net);
     let k = &net.nodes[0].message;
     let p = locate_payload();
-    let cases: Vec<Box<dyn FnOnce(&mut ProtectedHeader)>> = vec![
+    let cases: Vec<HeaderEdit> = vec![
         Box::new(|h| h.claims.cti = None),
         Box::new(|h| h.claims.cti = Some(vec![1; 15])),
         Box::new(|h| h.claims.aud = None),
@@ -305,12 +315,22 @@ fn refuses_unknown_revoked_and_wrong_use_keys() {
     let bytes = hand_made(&net, &stranger, MessageKind::LocateRequest, |_| {}, &p);
     assert!(matches!(
         rx.open(&net, &bytes),
-        Err(VerifyError::UnknownKey(trust::KeyLookupError::UnknownKid { .. }))
+        Err(VerifyError::UnknownKey(
+            trust::KeyLookupError::UnknownKid { .. }
+        ))
     ));
-    let bytes = hand_made(&net, &net.nodes[0].record, MessageKind::LocateRequest, |_| {}, &p);
+    let bytes = hand_made(
+        &net,
+        &net.nodes[0].record,
+        MessageKind::LocateRequest,
+        |_| {},
+        &p,
+    );
     assert!(matches!(
         rx.open(&net, &bytes),
-        Err(VerifyError::UnknownKey(trust::KeyLookupError::WrongUse { .. }))
+        Err(VerifyError::UnknownKey(
+            trust::KeyLookupError::WrongUse { .. }
+        ))
     ));
 
     // Revoked key and suspended member, on a list that says so.
@@ -330,7 +350,9 @@ fn refuses_unknown_revoked_and_wrong_use_keys() {
     };
     assert!(matches!(
         revoked_rx.open(&net, &request(&net)),
-        Err(VerifyError::UnknownKey(trust::KeyLookupError::Revoked { .. }))
+        Err(VerifyError::UnknownKey(
+            trust::KeyLookupError::Revoked { .. }
+        ))
     ));
     let mut from_suspended = seal_params(&net, T0, [3; 16], &net.nodes[2].message);
     from_suspended.sender_ods = &net.nodes[2].ods;
@@ -338,7 +360,9 @@ fn refuses_unknown_revoked_and_wrong_use_keys() {
     let bytes = envelope::seal(&locate(), &from_suspended).unwrap();
     assert!(matches!(
         revoked_rx.open_from(&net, 2, &bytes, T0),
-        Err(VerifyError::UnknownKey(trust::KeyLookupError::MemberNotActive { .. }))
+        Err(VerifyError::UnknownKey(
+            trust::KeyLookupError::MemberNotActive { .. }
+        ))
     ));
 }
 
@@ -371,7 +395,10 @@ fn refuses_messages_bound_to_another_protocol_or_connection() {
     let mut params = seal_params(&net, T0, [1; 16], &net.nodes[0].message);
     params.receiver_peer = leak(net.nodes[2].peer());
     let bytes = envelope::seal(&locate(), &params).unwrap();
-    assert_eq!(rx.open(&net, &bytes).unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        rx.open(&net, &bytes).unwrap_err(),
+        VerifyError::BadSignature
+    );
     // An error message signed for the trust protocol, presented on locate.
     let mut params = seal_params(&net, T0, [1; 16], &net.nodes[0].message);
     params.protocol = ProtocolId::Trust;
@@ -382,7 +409,10 @@ fn refuses_messages_bound_to_another_protocol_or_connection() {
         retry_after_ms: Some(100),
     };
     let bytes = envelope::seal(&err, &params).unwrap();
-    assert_eq!(rx.open(&net, &bytes).unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        rx.open(&net, &bytes).unwrap_err(),
+        VerifyError::BadSignature
+    );
 }
 
 #[test]
@@ -408,18 +438,30 @@ fn refuses_by_time_with_distinct_reasons() {
     let bytes = envelope::seal(&locate(), &long).unwrap();
     assert_eq!(
         rx.open(&net, &bytes).unwrap_err(),
-        VerifyError::LifetimeTooLong { secs: 301, max: 300 }
+        VerifyError::LifetimeTooLong {
+            secs: 301,
+            max: 300
+        }
     );
     // Sender's clock 10 minutes ahead.
     let bytes = envelope::seal(&locate(), &seal_params(&net, T0 + 600, [1; 16], k)).unwrap();
     let err = rx.open(&net, &bytes).unwrap_err();
-    assert_eq!(err, VerifyError::FromFuture { ahead: 600, skew: 300 });
+    assert_eq!(
+        err,
+        VerifyError::FromFuture {
+            ahead: 600,
+            skew: 300
+        }
+    );
     assert!(err.to_string().contains("clock"));
     // Sender's clock 10 minutes behind (the message is also expired; too old is reported first).
     let bytes = envelope::seal(&locate(), &seal_params(&net, T0 - 600, [1; 16], k)).unwrap();
     assert_eq!(
         rx.open(&net, &bytes).unwrap_err(),
-        VerifyError::TooOld { behind: 600, skew: 300 }
+        VerifyError::TooOld {
+            behind: 600,
+            skew: 300
+        }
     );
     // Issued within skew but past its expiry.
     let bytes = envelope::seal(&locate(), &seal_params(&net, T0 - 100, [1; 16], k)).unwrap();
@@ -503,7 +545,10 @@ fn checks_run_in_order() {
     let mut params = seal_params(&net, T0 - 1000, [1; 16], &net.nodes[0].message);
     params.receiver_peer = leak(net.nodes[2].peer());
     let bytes = envelope::seal(&locate(), &params).unwrap();
-    assert_eq!(rx.open(&net, &bytes).unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        rx.open(&net, &bytes).unwrap_err(),
+        VerifyError::BadSignature
+    );
     // Wrong audience and expired: the audience is reported.
     let mut params = seal_params(&net, T0 - 1000, [1; 16], &net.nodes[0].message);
     params.receiver_ods = &net.nodes[2].ods;
@@ -590,4 +635,82 @@ fn reasons_are_stable_labels() {
         .reason(),
     ];
     assert_eq!(labels, ["too-large", "bad-signature", "replayed"]);
+}
+
+mod properties {
+    use super::*;
+    use careweave_protocol::message::Section;
+    use proptest::prelude::*;
+
+    fn section() -> impl Strategy<Value = Section> {
+        prop_oneof![
+            Just(Section::Allergies),
+            Just(Section::Medications),
+            Just(Section::Problems),
+            Just(Section::Procedures),
+            Just(Section::Investigations),
+            Just(Section::Vaccinations),
+            Just(Section::Alerts),
+            Just(Section::CarePlans),
+            Just(Section::Documents),
+            Just(Section::Encounters),
+        ]
+    }
+
+    fn locate_request() -> impl Strategy<Value = LocateRequest> {
+        (
+            999_000_000u32..=999_999_999,
+            "[A-Za-z0-9 ]{1,40}",
+            "[A-Z0-9]{5}",
+            any::<bool>(),
+            "[a-z ]{1,80}",
+            proptest::option::of(proptest::collection::vec(section(), 1..8)),
+            any::<[u8; 16]>(),
+        )
+            .prop_filter_map(
+                "stem without a check digit",
+                |(stem, user, role, emergency, reason, sections, uuid)| {
+                    let nhs_number = NhsNumber::from_stem(stem)?;
+                    if user.trim().is_empty() || reason.trim().is_empty() {
+                        return None;
+                    }
+                    let h = hex::encode(uuid);
+                    let mut context = context();
+                    context.user_id = user;
+                    context.role_code = role;
+                    context.request_id =
+                        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+                    if emergency {
+                        context.purpose = Purpose::EmergencyTreat;
+                        context.break_glass_reason = Some(reason);
+                    }
+                    Some(LocateRequest {
+                        nhs_number,
+                        context,
+                        sections,
+                    })
+                },
+            )
+    }
+
+    proptest! {
+        /// Seal then open gives back exactly the payload that was sealed.
+        #[test]
+        fn seal_then_open_is_identity(request in locate_request(), cti in any::<[u8; 16]>()) {
+            let net = Net::new();
+            let rx = Receiver::new(&net);
+            let bytes = envelope::seal(&request, &seal_params(&net, T0, cti, &net.nodes[0].message)).unwrap();
+            let opened = rx.open(&net, &bytes).unwrap();
+            prop_assert_eq!(opened.message, Message::LocateRequest(request));
+            prop_assert_eq!(opened.cti, cti);
+        }
+
+        /// Arbitrary bytes never panic the opener and are never accepted.
+        #[test]
+        fn arbitrary_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let net = Net::new();
+            let rx = Receiver::new(&net);
+            prop_assert!(rx.open(&net, &bytes).is_err());
+        }
+    }
 }

@@ -13,8 +13,8 @@ use careweave_protocol::trust::{self, LIST_CONTENT_TYPE, Policy};
 use common::{Net, T0};
 use coset::cbor::value::Value as CborValue;
 use coset::{
-    CborSerializable, CoseSign, CoseSign1, CoseSign1Builder, CoseSignBuilder,
-    CoseSignatureBuilder, HeaderBuilder, TaggedCborSerializable, iana,
+    CborSerializable, CoseSign, CoseSign1, CoseSign1Builder, CoseSignBuilder, CoseSignatureBuilder,
+    HeaderBuilder, TaggedCborSerializable, iana,
 };
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde_json::Value as Json;
@@ -25,9 +25,10 @@ fn vectors() -> Vec<(String, Vec<u8>, Json)> {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "cbor") {
-            let json: Json =
-                serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
-                    .unwrap();
+            let json: Json = serde_json::from_str(
+                &std::fs::read_to_string(path.with_extension("json")).unwrap(),
+            )
+            .unwrap();
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             out.push((name, std::fs::read(&path).unwrap(), json));
         }
@@ -134,9 +135,15 @@ fn we_verify_a_message_built_by_coset() {
     let claims = CborValue::Map(vec![
         (CborValue::Integer(1.into()), CborValue::Text("QHG".into())),
         (CborValue::Integer(3.into()), CborValue::Text("QUE".into())),
-        (CborValue::Integer(4.into()), CborValue::Integer((T0 + 60).into())),
+        (
+            CborValue::Integer(4.into()),
+            CborValue::Integer((T0 + 60).into()),
+        ),
         (CborValue::Integer(6.into()), CborValue::Integer(T0.into())),
-        (CborValue::Integer(7.into()), CborValue::Bytes(vec![0x5a; 16])),
+        (
+            CborValue::Integer(7.into()),
+            CborValue::Bytes(vec![0x5a; 16]),
+        ),
     ]);
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)

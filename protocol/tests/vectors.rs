@@ -243,7 +243,12 @@ fn all_vectors() -> Vec<Vector> {
             pointers: vec![pointer],
             withheld: vec![WithheldReason::SensitiveCategory],
         },
-        message(ProtocolId::Locate, 1, 0x12, Some(envelope::message_hash(&req))),
+        message(
+            ProtocolId::Locate,
+            1,
+            0x12,
+            Some(envelope::message_hash(&req)),
+        ),
     );
 
     let json_record = br#"{"resourceType":"AllergyIntolerance","id":"al-1","meta":{"versionId":"2"},"code":{"text":"Penicillin"},"patient":{"identifier":{"system":"https://fhir.nhs.uk/Id/nhs-number","value":"9990000018"}}}"#;
@@ -294,7 +299,12 @@ fn all_vectors() -> Vec<Vector> {
             records: vec![serde_bytes::ByteBuf::from(record_bytes)],
             withheld: vec![],
         },
-        message(ProtocolId::Fetch, 1, 0x22, Some(envelope::message_hash(&fetch_req))),
+        message(
+            ProtocolId::Fetch,
+            1,
+            0x22,
+            Some(envelope::message_hash(&fetch_req)),
+        ),
     );
 
     let trust_req = push(
@@ -317,7 +327,12 @@ fn all_vectors() -> Vec<Vector> {
             roots: vec![],
             list: Some(serde_bytes::ByteBuf::from(list_bytes.clone())),
         },
-        message(ProtocolId::Trust, 1, 0x32, Some(envelope::message_hash(&trust_req))),
+        message(
+            ProtocolId::Trust,
+            1,
+            0x32,
+            Some(envelope::message_hash(&trust_req)),
+        ),
     );
     push(
         &mut out,
@@ -328,7 +343,12 @@ fn all_vectors() -> Vec<Vector> {
             message: "over the request rate for your node; retry later".into(),
             retry_after_ms: Some(500),
         },
-        message(ProtocolId::Locate, 1, 0x41, Some(envelope::message_hash(&req))),
+        message(
+            ProtocolId::Locate,
+            1,
+            0x41,
+            Some(envelope::message_hash(&req)),
+        ),
     );
 
     out.push(sign_vector(
