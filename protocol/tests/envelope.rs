@@ -678,8 +678,14 @@ mod properties {
                     let mut context = context();
                     context.user_id = user;
                     context.role_code = role;
-                    context.request_id =
-                        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+                    context.request_id = format!(
+                        "{}-{}-{}-{}-{}",
+                        &h[..8],
+                        &h[8..12],
+                        &h[12..16],
+                        &h[16..20],
+                        &h[20..]
+                    );
                     if emergency {
                         context.purpose = Purpose::EmergencyTreat;
                         context.break_glass_reason = Some(reason);
