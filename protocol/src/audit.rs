@@ -539,6 +539,25 @@ mod tests {
         );
     }
 
+    #[test]
+    fn every_single_bit_flip_in_a_checkpoint_is_refused() {
+        let key = KeyPair::from_secret_bytes(&[8; 32]);
+        let cp = Checkpoint {
+            origin: "careweave/test/QE1/audit".into(),
+            size: 3,
+            root: root(&leaves(3)),
+        };
+        let bytes = sign_checkpoint(&cp, &OdsCode::parse("QE1").unwrap(), 1, &key).unwrap();
+        for bit in 0..bytes.len() * 8 {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            assert!(
+                verify_checkpoint(&flipped, &key.public_key()).is_err(),
+                "bit {bit}"
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn proofs_verify_for_random_sizes(n in 1usize..300, seed in any::<u64>()) {

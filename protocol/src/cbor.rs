@@ -24,6 +24,10 @@ use serde::de::DeserializeOwned;
 pub use serde_cbor::Value;
 
 /// Bounds applied to every decode.
+///
+/// Memory used while decoding is bounded by these limits: at most
+/// `max_bytes + max_items * ALLOCATION_PER_ITEM` bytes beyond the input
+/// itself, whatever the input (checked by `tests/allocation.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest input accepted, in bytes.
@@ -39,7 +43,7 @@ impl Limits {
     pub const MESSAGE: Limits = Limits {
         max_bytes: 4 * 1024 * 1024,
         max_depth: 16,
-        max_items: 200_000,
+        max_items: 50_000,
     };
     /// Trust roots and trust lists.
     pub const TRUST: Limits = Limits {
@@ -54,6 +58,9 @@ impl Limits {
         max_items: 64,
     };
 }
+
+/// Upper bound on the heap bytes one decoded data item may take.
+pub const ALLOCATION_PER_ITEM: usize = 256;
 
 /// Why bytes are not acceptable CBOR, or could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
