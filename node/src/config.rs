@@ -1,0 +1,516 @@
+//! Node configuration: built-in defaults, then the node's TOML file, then
+//! environment variables `CAREWEAVE__SECTION__KEY` (double underscores, so a
+//! key such as `cache_mb` stays one word).
+//!
+//! Unknown keys are errors, so a misspelt setting is never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use careweave_protocol::OdsCode;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "CAREWEAVE";
+
+/// Sensitive categories whose records never leave the custodian.
+pub const SENSITIVE_CATEGORIES: [&str; 4] = [
+    "assisted-fertilisation",
+    "gender-identity",
+    "sexually-transmitted-infection",
+    "termination-of-pregnancy",
+];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+    #[serde(default)]
+    pub audit: AuditSection,
+    #[serde(default)]
+    pub trust: TrustSection,
+    #[serde(default)]
+    pub import: ImportSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// Who this node is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub ods: OdsCode,
+    pub name: String,
+    /// Directory holding the four key files, relative to the config file.
+    #[serde(default = "default_keys_dir")]
+    pub keys_dir: PathBuf,
+    /// A testnet node refuses NHS numbers outside 999 000 0000–999 999 9999.
+    #[serde(default)]
+    pub testnet: bool,
+}
+
+fn default_keys_dir() -> PathBuf {
+    PathBuf::from("keys")
+}
+
+/// The sled store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    /// Directory of the database, relative to the config file.
+    pub path: PathBuf,
+    /// sled page cache in MiB (sled's own default is 1 GiB).
+    pub cache_mb: u64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("store"),
+            cache_mb: 16,
+        }
+    }
+}
+
+/// Peer plane settings (used by `careweave-node run`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// libp2p multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Largest request or response frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// How long a signed message we send stays valid, in seconds (≤ 300).
+    pub message_life_secs: u64,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/7000".to_owned(),
+                "/ip4/0.0.0.0/udp/7000/quic-v1".to_owned(),
+            ],
+            max_frame_bytes: 4 * 1024 * 1024,
+            message_life_secs: 60,
+        }
+    }
+}
+
+/// What may leave the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// Whether emergency access (ETREAT) overrides a patient's objection.
+    pub emergency_overrides_objection: bool,
+    /// SNOMED CT codes per sensitive category; a record carrying any of
+    /// them in `code`, `type` or `category` never leaves the node.
+    pub sensitive_codes: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        // A starting set; each ICB's information governance team owns the list.
+        let mut codes = BTreeMap::new();
+        codes.insert(
+            "assisted-fertilisation".to_owned(),
+            vec!["63487001".into(), "52637005".into(), "265063003".into()],
+        );
+        codes.insert(
+            "gender-identity".to_owned(),
+            vec!["93461009".into(), "407377005".into(), "407378000".into()],
+        );
+        codes.insert(
+            "sexually-transmitted-infection".to_owned(),
+            vec![
+                "8098009".into(),
+                "186946009".into(),
+                "15628003".into(),
+                "76272004".into(),
+            ],
+        );
+        codes.insert(
+            "termination-of-pregnancy".to_owned(),
+            vec!["386639001".into(), "57797005".into()],
+        );
+        Self {
+            emergency_overrides_objection: false,
+            sensitive_codes: codes,
+        }
+    }
+}
+
+/// Audit log checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Sign a checkpoint after this many entries…
+    pub checkpoint_every_entries: u64,
+    /// …or when this many seconds have passed since the last one.
+    pub checkpoint_every_secs: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            checkpoint_every_entries: 100,
+            checkpoint_every_secs: 60,
+        }
+    }
+}
+
+/// Where the node's first trust root and the coordinator's list come from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustSection {
+    /// The first trust root, given out of band (relative to the config file).
+    pub root: Option<PathBuf>,
+    /// A trust list to load at start, if newer than the stored one.
+    pub list: Option<PathBuf>,
+}
+
+/// Import limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportSection {
+    /// Largest single FHIR resource accepted, in bytes.
+    pub max_resource_bytes: usize,
+    /// Largest input file, in bytes.
+    pub max_file_bytes: u64,
+    /// Records written per batch before a flush.
+    pub batch_records: usize,
+}
+
+impl Default for ImportSection {
+    fn default() -> Self {
+        Self {
+            max_resource_bytes: 256 * 1024,
+            max_file_bytes: 1024 * 1024 * 1024,
+            batch_records: 1000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `careweave_node=debug`.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration in {path} (or CAREWEAVE__* environment) is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A loaded configuration and the directory its relative paths start from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: NodeConfig,
+    pub path: PathBuf,
+    pub base_dir: PathBuf,
+}
+
+impl LoadedConfig {
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The key directory.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.resolve(&self.config.node.keys_dir)
+    }
+
+    /// The store directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.resolve(&self.config.store.path)
+    }
+}
+
+/// Loads defaults, then the file, then `CAREWEAVE__SECTION__KEY` variables
+/// from `env` (pass `std::env::vars()` in production).
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("network.listen")
+                .source(Some(env)),
+        )
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let config: NodeConfig = built
+        .try_deserialize()
+        .map_err(|e| invalid(e.to_string()))?;
+    validate(&config).map_err(invalid)?;
+    let base_dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(LoadedConfig {
+        config,
+        path: path.to_path_buf(),
+        base_dir,
+    })
+}
+
+fn validate(config: &NodeConfig) -> Result<(), String> {
+    if config.node.name.trim().is_empty() {
+        return Err("node.name is empty".into());
+    }
+    if config.store.cache_mb == 0 || config.store.cache_mb > 4096 {
+        return Err("store.cache_mb must be between 1 and 4096".into());
+    }
+    if config.network.message_life_secs == 0 || config.network.message_life_secs > 300 {
+        return Err("network.message_life_secs must be between 1 and 300".into());
+    }
+    if config.network.max_frame_bytes < 1024 || config.network.max_frame_bytes > 16 * 1024 * 1024 {
+        return Err("network.max_frame_bytes must be between 1 KiB and 16 MiB".into());
+    }
+    if config.audit.checkpoint_every_entries == 0 {
+        return Err("audit.checkpoint_every_entries must be at least 1".into());
+    }
+    if config.import.batch_records == 0 || config.import.batch_records > 100_000 {
+        return Err("import.batch_records must be between 1 and 100000".into());
+    }
+    if config.import.max_resource_bytes == 0
+        || config.import.max_resource_bytes > careweave_protocol::record::MAX_RECORD_BYTES
+    {
+        return Err("import.max_resource_bytes must be between 1 and 1048576".into());
+    }
+    for category in config.policy.sensitive_codes.keys() {
+        if !SENSITIVE_CATEGORIES.contains(&category.as_str()) {
+            return Err(format!(
+                "policy.sensitive_codes.{category} is not a sensitive category (expected one of {})",
+                SENSITIVE_CATEGORIES.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The commented `config.toml` that `careweave-node init` writes.
+pub fn template(ods: &OdsCode, name: &str) -> String {
+    let name = name.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(
+        r#"# careweave node configuration.
+# Precedence: built-in defaults, then this file, then environment variables
+# named CAREWEAVE__SECTION__KEY (for example CAREWEAVE__STORE__CACHE_MB=32).
+# Unknown keys are errors. Relative paths are relative to this file.
+
+[node]
+# This ICB's ODS code and name, exactly as on the trust list.
+ods = "{ods}"
+name = "{name}"
+# The four key files (transport, message, record, log), PKCS#8 PEM, mode 0600.
+keys_dir = "keys"
+# A testnet node refuses NHS numbers outside 999 000 0000 - 999 999 9999.
+testnet = false
+
+[store]
+path = "store"
+# sled page cache in MiB. sled's default is 1 GiB; keep this small when many
+# nodes share a machine.
+cache_mb = 16
+
+[network]
+listen = ["/ip4/0.0.0.0/tcp/7000", "/ip4/0.0.0.0/udp/7000/quic-v1"]
+# Largest request or response frame accepted; larger frames are refused unread.
+max_frame_bytes = 4194304
+# How long messages this node signs stay valid (at most 300 seconds).
+message_life_secs = 60
+
+[policy]
+# Whether emergency access (ETREAT, with a reason) overrides a patient's
+# objection to sharing. Off: the objection always holds.
+emergency_overrides_objection = false
+
+# SNOMED CT codes per legally sensitive category. Records carrying any of
+# these codes never leave this ICB. Your information governance team owns
+# these lists; the defaults are a starting point, not a complete set.
+[policy.sensitive_codes]
+assisted-fertilisation = ["63487001", "52637005", "265063003"]
+gender-identity = ["93461009", "407377005", "407378000"]
+sexually-transmitted-infection = ["8098009", "186946009", "15628003", "76272004"]
+termination-of-pregnancy = ["386639001", "57797005"]
+
+[audit]
+# Sign an audit checkpoint after this many entries, or this many seconds.
+checkpoint_every_entries = 100
+checkpoint_every_secs = 60
+
+[trust]
+# The first trust root, from the national coordinator, out of band.
+# root = "trust/root.cose"
+# A trust list to load at start when it is newer than the one held.
+# list = "trust/list.cose"
+
+[import]
+max_resource_bytes = 262144
+batch_records = 1000
+
+[log]
+# "human" or "json".
+format = "human"
+level = "info"
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_template_loads_with_its_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let ods = OdsCode::parse("QHG").unwrap();
+        let path = write(dir.path(), &template(&ods, "NHS \"Test\" ICB"));
+        let loaded = load(&path, []).unwrap();
+        assert_eq!(loaded.config.node.ods, ods);
+        assert_eq!(loaded.config.node.name, "NHS \"Test\" ICB");
+        assert_eq!(loaded.config.store.cache_mb, 16);
+        assert_eq!(loaded.store_dir(), dir.path().join("store"));
+        assert_eq!(loaded.config.policy.sensitive_codes.len(), 4);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[node]\nods = \"QHG\"\nname = \"x\"\n[store]\ncache_mb = 8\n",
+        );
+        let loaded = load(
+            &path,
+            [
+                ("CAREWEAVE__STORE__CACHE_MB".to_owned(), "32".to_owned()),
+                ("CAREWEAVE__NODE__TESTNET".to_owned(), "true".to_owned()),
+                (
+                    "CAREWEAVE__NETWORK__LISTEN".to_owned(),
+                    "/ip4/127.0.0.1/tcp/1,/ip4/127.0.0.1/tcp/2".to_owned(),
+                ),
+                ("OTHER__STORE__CACHE_MB".to_owned(), "1".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(loaded.config.store.cache_mb, 32);
+        assert!(loaded.config.node.testnet);
+        assert_eq!(loaded.config.network.listen.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[node]\nods = \"QHG\"\nname = \"x\"\n[store]\ncache_size = 8\n",
+        );
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("cache_size"), "{err}");
+        assert!(err.contains("config.toml"), "{err}");
+        let path = write(dir.path(), "[node]\nods = \"QHG\"\nname = \"x\"\n[nodes]\n");
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("nodes"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[node]\nods = \"qhg\"\nname = \"x\"\n");
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("ODS") || err.contains("ods"), "{err}");
+        let path = write(dir.path(), "[node]\nods = \"QHG\"\nname = \"x\"\n");
+        let err = load(
+            &path,
+            [("CAREWEAVE__STORE__CACHE_MB".to_owned(), "lots".to_owned())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cache_mb"), "{err}");
+        let path = write(
+            dir.path(),
+            "[node]\nods = \"QHG\"\nname = \"x\"\n[network]\nmessage_life_secs = 900\n",
+        );
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("message_life_secs"), "{err}");
+        let path = write(
+            dir.path(),
+            "[node]\nods = \"QHG\"\nname = \"x\"\n[policy.sensitive_codes]\nhobbies = [\"1\"]\n",
+        );
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("hobbies"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = load(Path::new("/nonexistent/careweave.toml"), [])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/careweave.toml"), "{err}");
+    }
+}

@@ -1,0 +1,10 @@
+//! The careweave node, everything but the network: configuration, keys, the
+//! sled store, FHIR import, policy, the audit log and request handling.
+//!
+//! The peer plane (`careweave-node run`) and the clinical HTTPS API call into
+//! what this crate provides.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod keys;
