@@ -7,4 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod fhir;
+pub mod import;
 pub mod keys;
+pub mod policy;
+pub mod store;

@@ -266,6 +266,57 @@ pub fn verify_consistency(
     Ok(())
 }
 
+/// The right edge of a Merkle tree: the roots of its perfect subtrees,
+/// largest first. Appending and computing the root need only these, so a
+/// log can grow without rereading its entries.
+///
+/// ```
+/// use careweave_protocol::audit::{CompactRange, leaf_hash, root};
+///
+/// let leaves: Vec<_> = (0u8..11).map(|i| leaf_hash(&[i])).collect();
+/// let mut range = CompactRange::default();
+/// for leaf in &leaves {
+///     range.append(*leaf);
+/// }
+/// assert_eq!(range.root(), root(&leaves));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactRange {
+    size: u64,
+    /// (height, hash) of each perfect subtree, left to right.
+    peaks: Vec<(u32, Hash)>,
+}
+
+impl CompactRange {
+    /// Number of leaves.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Adds one leaf hash.
+    pub fn append(&mut self, leaf: Hash) {
+        let mut node = (0u32, leaf);
+        while let Some(&(height, left)) = self.peaks.last() {
+            if height != node.0 {
+                break;
+            }
+            self.peaks.pop();
+            node = (height + 1, node_hash(&left, &node.1));
+        }
+        self.peaks.push(node);
+        self.size += 1;
+    }
+
+    /// The tree hash of all leaves so far (RFC 6962).
+    pub fn root(&self) -> Hash {
+        let mut peaks = self.peaks.iter().rev();
+        match peaks.next() {
+            None => Sha256::digest(b"").into(),
+            Some((_, last)) => peaks.fold(*last, |right, (_, left)| node_hash(left, &right)),
+        }
+    }
+}
+
 /// A signed statement of the log's size and root at a moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -555,6 +606,18 @@ mod tests {
                 verify_checkpoint(&flipped, &key.public_key()).is_err(),
                 "bit {bit}"
             );
+        }
+    }
+
+    #[test]
+    fn compact_range_matches_the_full_tree() {
+        let l = leaves(300);
+        let mut range = CompactRange::default();
+        assert_eq!(range.root(), root(&[]));
+        for (i, leaf) in l.iter().enumerate() {
+            range.append(*leaf);
+            assert_eq!(range.size(), i as u64 + 1);
+            assert_eq!(range.root(), root(&l[..=i]), "size {}", i + 1);
         }
     }
 

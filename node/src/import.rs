@@ -1,0 +1,535 @@
+//! Loading an ICB's own FHIR R4 records: Bundles (transaction: all or
+//! nothing; batch and collection: per entry) and NDJSON (one resource per
+//! line). Each record is filed, labelled, signed with the record key and
+//! indexed; a resource seen again by type and id replaces the old version;
+//! a transaction or batch entry with `request.method` DELETE removes one.
+//!
+//! Used by `careweave-node import` and by the clinical API's `POST /fhir`.
+
+use std::collections::HashMap;
+
+use careweave_protocol::record::{self, RecordLabel};
+use careweave_protocol::{KeyPair, NhsNumber, OdsCode};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::NodeConfig;
+use crate::fhir::{self, PatientRef, ResourceError};
+use crate::store::{RecordWrite, Store, StoreError, StoredRecord, WriteOutcome, record_key};
+
+/// What kind of input was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    Transaction,
+    Batch,
+    Collection,
+    Resource,
+    Ndjson,
+}
+
+/// One entry that was not stored, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub source: String,
+    /// `entry[3]` for bundles (0-based, as FHIRPath), `line 4` for NDJSON.
+    pub entry: String,
+    pub reason: String,
+}
+
+/// The outcome of one entry, in input order (for batch and transaction responses).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum EntryOutcome {
+    Stored {
+        key: String,
+        version: String,
+    },
+    Replaced {
+        key: String,
+        version: String,
+    },
+    Removed {
+        key: String,
+    },
+    NotFound {
+        key: String,
+    },
+    /// A Patient resource, used to resolve references and not stored.
+    PatientLinked,
+    Rejected {
+        reason: String,
+    },
+    /// A valid entry of a transaction that failed as a whole.
+    NotApplied,
+}
+
+/// The summary an import ends with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ImportReport {
+    pub stored: usize,
+    pub replaced: usize,
+    pub removed: usize,
+    pub not_found: usize,
+    pub patients_linked: usize,
+    pub rejected: Vec<Rejection>,
+    /// True when a transaction was refused as a whole.
+    pub transaction_aborted: bool,
+}
+
+impl ImportReport {
+    /// Adds another report's counts.
+    pub fn merge(&mut self, other: ImportReport) {
+        self.stored += other.stored;
+        self.replaced += other.replaced;
+        self.removed += other.removed;
+        self.not_found += other.not_found;
+        self.patients_linked += other.patients_linked;
+        self.rejected.extend(other.rejected);
+        self.transaction_aborted |= other.transaction_aborted;
+    }
+}
+
+/// Why an import could not run at all (as opposed to rejecting entries).
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{source_name}: the input is {size} bytes, over the limit of {max}")]
+    TooLarge {
+        source_name: String,
+        size: usize,
+        max: u64,
+    },
+    #[error("{source_name}: {message}")]
+    Unreadable {
+        source_name: String,
+        message: String,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// An import run: the store, the record key and the settings.
+#[derive(Debug)]
+pub struct Importer<'a> {
+    pub store: &'a Store,
+    pub record_key: &'a KeyPair,
+    pub custodian: &'a OdsCode,
+    pub config: &'a NodeConfig,
+    /// Seconds since the Unix epoch: the records' signing time.
+    pub now: u64,
+}
+
+/// One parsed input entry.
+enum Item {
+    Patient {
+        full_url: Option<String>,
+        resource: Value,
+    },
+    Resource {
+        full_url: Option<String>,
+        resource: Value,
+    },
+    Delete {
+        url: String,
+    },
+    Bad(ResourceError),
+}
+
+fn label(kind: InputKind, index: usize) -> String {
+    match kind {
+        InputKind::Ndjson => format!("line {}", index + 1),
+        InputKind::Resource => "resource".to_owned(),
+        _ => format!("entry[{index}]"),
+    }
+}
+
+fn split_bundle(value: &Value) -> Result<(InputKind, Vec<Item>), String> {
+    let kind = match value.get("type").and_then(Value::as_str) {
+        Some("transaction") => InputKind::Transaction,
+        Some("batch") => InputKind::Batch,
+        Some("collection") => InputKind::Collection,
+        Some(other) => {
+            return Err(format!(
+                "Bundle type {other:?} cannot be imported (use transaction, batch or collection)"
+            ));
+        }
+        None => return Err("Bundle has no type".to_owned()),
+    };
+    let entries = match value.get("entry") {
+        None => return Ok((kind, vec![])),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err("Bundle.entry is not an array".to_owned()),
+    };
+    let items = entries
+        .iter()
+        .map(|entry| {
+            let full_url = entry
+                .get("fullUrl")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            let method = entry
+                .get("request")
+                .and_then(|r| r.get("method"))
+                .and_then(Value::as_str);
+            if method == Some("DELETE") {
+                return match entry
+                    .get("request")
+                    .and_then(|r| r.get("url"))
+                    .and_then(Value::as_str)
+                {
+                    Some(url) => Item::Delete {
+                        url: url.to_owned(),
+                    },
+                    None => Item::Bad(ResourceError::NotFhir(
+                        "DELETE entry has no request.url".into(),
+                    )),
+                };
+            }
+            match entry.get("resource") {
+                None => Item::Bad(ResourceError::NotFhir("entry has no resource".into())),
+                Some(resource) => classify(resource.clone(), full_url),
+            }
+        })
+        .collect();
+    Ok((kind, items))
+}
+
+fn classify(resource: Value, full_url: Option<String>) -> Item {
+    match resource.get("resourceType").and_then(Value::as_str) {
+        Some("Patient") => Item::Patient { full_url, resource },
+        _ => Item::Resource { full_url, resource },
+    }
+}
+
+/// Splits input bytes into entries: a Bundle, a single resource, or NDJSON.
+fn split_input(bytes: &[u8]) -> Result<(InputKind, Vec<Item>), String> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(value) => {
+            if value.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                split_bundle(&value)
+            } else {
+                Ok((InputKind::Resource, vec![classify(value, None)]))
+            }
+        }
+        Err(whole_error) => {
+            let text =
+                std::str::from_utf8(bytes).map_err(|_| "input is not UTF-8 text".to_owned())?;
+            let lines: Vec<&str> = text.lines().collect();
+            if lines.iter().filter(|l| !l.trim().is_empty()).count() < 2 {
+                return Err(format!("invalid JSON: {whole_error}"));
+            }
+            let items = lines
+                .iter()
+                .map(|line| {
+                    if line.trim().is_empty() {
+                        return Item::Bad(ResourceError::InvalidJson("empty line".into()));
+                    }
+                    match serde_json::from_str::<Value>(line) {
+                        Ok(value) => classify(value, None),
+                        Err(e) => Item::Bad(ResourceError::InvalidJson(e.to_string())),
+                    }
+                })
+                .collect();
+            Ok((InputKind::Ndjson, items))
+        }
+    }
+}
+
+fn set(outcomes: &mut [Option<EntryOutcome>], i: usize, outcome: EntryOutcome) {
+    if let Some(slot) = outcomes.get_mut(i) {
+        *slot = Some(outcome);
+    }
+}
+
+fn urn_uuid_id(full_url: Option<&str>) -> Option<&str> {
+    full_url.and_then(|u| u.strip_prefix("urn:uuid:"))
+}
+
+impl Importer<'_> {
+    /// Imports one input. `progress` is called with the number of entries
+    /// handled so far.
+    pub fn import_bytes(
+        &self,
+        source_name: &str,
+        bytes: &[u8],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(ImportReport, Vec<EntryOutcome>, InputKind), ImportError> {
+        if bytes.len() as u64 > self.config.import.max_file_bytes {
+            return Err(ImportError::TooLarge {
+                source_name: source_name.to_owned(),
+                size: bytes.len(),
+                max: self.config.import.max_file_bytes,
+            });
+        }
+        let (kind, items) = split_input(bytes).map_err(|message| ImportError::Unreadable {
+            source_name: source_name.to_owned(),
+            message,
+        })?;
+        self.import_items(source_name, kind, items, progress)
+    }
+
+    /// Imports an already-parsed Bundle (the API's `POST /fhir`).
+    pub fn import_bundle(
+        &self,
+        source_name: &str,
+        bundle: &Value,
+    ) -> Result<(ImportReport, Vec<EntryOutcome>, InputKind), ImportError> {
+        let (kind, items) = split_bundle(bundle).map_err(|message| ImportError::Unreadable {
+            source_name: source_name.to_owned(),
+            message,
+        })?;
+        self.import_items(source_name, kind, items, &mut |_, _| {})
+    }
+
+    fn import_items(
+        &self,
+        source_name: &str,
+        kind: InputKind,
+        items: Vec<Item>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(ImportReport, Vec<EntryOutcome>, InputKind), ImportError> {
+        let total = items.len();
+        // Pass 1: Patients, so references can resolve whatever the order.
+        let mut patients: HashMap<String, NhsNumber> = HashMap::new();
+        let mut outcomes: Vec<Option<EntryOutcome>> = vec![None; total];
+        for (i, item) in items.iter().enumerate() {
+            if let Item::Patient { full_url, resource } = item {
+                let result = fhir::resource_header(resource).and_then(|(_, id)| {
+                    let object = resource
+                        .as_object()
+                        .ok_or(ResourceError::NotFhir("not an object".into()))?;
+                    let nhs = self.check_nhs(fhir::patient_nhs_number(object)?)?;
+                    Ok((id, nhs))
+                });
+                match result {
+                    Ok((id, nhs)) => {
+                        if let Some(url) = full_url {
+                            patients.insert(url.clone(), nhs);
+                        }
+                        if let Some(id) = id {
+                            patients.insert(format!("Patient/{id}"), nhs);
+                        }
+                        set(&mut outcomes, i, EntryOutcome::PatientLinked);
+                    }
+                    Err(e) => set(
+                        &mut outcomes,
+                        i,
+                        EntryOutcome::Rejected {
+                            reason: e.to_string(),
+                        },
+                    ),
+                }
+            }
+        }
+        // Pass 2: records and deletions, prepared without writing.
+        let mut versions: HashMap<String, String> = HashMap::new();
+        let mut prepared: Vec<(usize, RecordWrite)> = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match item {
+                Item::Patient { .. } => {}
+                Item::Bad(e) => set(
+                    &mut outcomes,
+                    i,
+                    EntryOutcome::Rejected {
+                        reason: e.to_string(),
+                    },
+                ),
+                Item::Delete { url } => match url.split_once('/') {
+                    Some((t, id)) if fhir::section_for(t).is_some() && fhir::is_fhir_id(id) => {
+                        prepared.push((
+                            i,
+                            RecordWrite::Remove {
+                                resource_type: t.to_owned(),
+                                id: id.to_owned(),
+                            },
+                        ));
+                    }
+                    _ => set(
+                        &mut outcomes,
+                        i,
+                        EntryOutcome::Rejected {
+                            reason: format!(
+                                "DELETE url {url:?} is not ResourceType/id of a shared record"
+                            ),
+                        },
+                    ),
+                },
+                Item::Resource { full_url, resource } => {
+                    match self.prepare(resource, full_url.as_deref(), &patients, &mut versions) {
+                        Ok(record) => prepared.push((i, RecordWrite::Put(record))),
+                        Err(e) => set(
+                            &mut outcomes,
+                            i,
+                            EntryOutcome::Rejected {
+                                reason: e.to_string(),
+                            },
+                        ),
+                    }
+                }
+            }
+        }
+        let mut report = ImportReport::default();
+        let any_rejected = outcomes
+            .iter()
+            .any(|o| matches!(o, Some(EntryOutcome::Rejected { .. })));
+        if kind == InputKind::Transaction && any_rejected {
+            // All or nothing: store nothing, say which entries failed.
+            report.transaction_aborted = true;
+            for (i, _) in &prepared {
+                set(&mut outcomes, *i, EntryOutcome::NotApplied);
+            }
+            prepared.clear();
+        }
+        // Pass 3: write. A transaction goes in one atomic batch; others in
+        // batches of the configured size, each flushed before it counts.
+        let batch_size = if kind == InputKind::Transaction {
+            prepared.len().max(1)
+        } else {
+            self.config.import.batch_records
+        };
+        let mut done = 0;
+        for chunk in prepared.chunks(batch_size) {
+            let writes: Vec<RecordWrite> = chunk.iter().map(|(_, w)| w.clone()).collect();
+            let results = self.store.write_records(&writes)?;
+            for ((i, write), result) in chunk.iter().zip(results) {
+                let key = match write {
+                    RecordWrite::Put(r) => r.key(),
+                    RecordWrite::Remove { resource_type, id } => record_key(resource_type, id),
+                };
+                let version = match write {
+                    RecordWrite::Put(r) => r.version.clone(),
+                    RecordWrite::Remove { .. } => String::new(),
+                };
+                set(
+                    &mut outcomes,
+                    *i,
+                    match result {
+                        WriteOutcome::Stored => EntryOutcome::Stored { key, version },
+                        WriteOutcome::Replaced => EntryOutcome::Replaced { key, version },
+                        WriteOutcome::Removed => EntryOutcome::Removed { key },
+                        WriteOutcome::NotFound => EntryOutcome::NotFound { key },
+                    },
+                );
+            }
+            done += chunk.len();
+            progress(done, total);
+        }
+        let outcomes: Vec<EntryOutcome> = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(EntryOutcome::NotApplied))
+            .collect();
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                EntryOutcome::Stored { .. } => report.stored += 1,
+                EntryOutcome::Replaced { .. } => report.replaced += 1,
+                EntryOutcome::Removed { .. } => report.removed += 1,
+                EntryOutcome::NotFound { .. } => report.not_found += 1,
+                EntryOutcome::PatientLinked => report.patients_linked += 1,
+                EntryOutcome::Rejected { reason } => report.rejected.push(Rejection {
+                    source: source_name.to_owned(),
+                    entry: label(kind, i),
+                    reason: reason.clone(),
+                }),
+                EntryOutcome::NotApplied => {}
+            }
+        }
+        progress(total, total);
+        Ok((report, outcomes, kind))
+    }
+
+    fn check_nhs(&self, nhs: NhsNumber) -> Result<NhsNumber, ResourceError> {
+        if self.config.node.testnet && !nhs.is_test_range() {
+            return Err(ResourceError::OutsideTestRange);
+        }
+        Ok(nhs)
+    }
+
+    fn prepare(
+        &self,
+        resource: Value,
+        full_url: Option<&str>,
+        patients: &HashMap<String, NhsNumber>,
+        versions: &mut HashMap<String, String>,
+    ) -> Result<StoredRecord, ResourceError> {
+        let mut parsed = fhir::parse_resource(resource, urn_uuid_id(full_url))?;
+        let nhs = match &parsed.patient {
+            PatientRef::Nhs(nhs) => *nhs,
+            PatientRef::Reference(reference) => *patients
+                .get(reference)
+                .ok_or_else(|| ResourceError::UnknownReference(reference.clone()))?,
+        };
+        let nhs = self.check_nhs(nhs)?;
+        let key = record_key(&parsed.resource_type, &parsed.id);
+        let given = parsed
+            .json
+            .get("meta")
+            .and_then(|m| m.get("versionId"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let version = match given {
+            Some(v) => v,
+            None => {
+                let previous = match versions.get(&key) {
+                    Some(v) => Some(v.clone()),
+                    None => self
+                        .store
+                        .record(&parsed.resource_type, &parsed.id)
+                        .ok()
+                        .flatten()
+                        .map(|r| r.version),
+                };
+                previous
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map_or_else(|| "1".to_owned(), |v| (v + 1).to_string())
+            }
+        };
+        versions.insert(key, version.clone());
+        let meta = parsed
+            .json
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(meta) = meta {
+            meta.insert("versionId".to_owned(), Value::String(version.clone()));
+        }
+        parsed
+            .json
+            .insert("id".to_owned(), Value::String(parsed.id.clone()));
+        let bytes = serde_json::to_vec(&parsed.json)
+            .map_err(|e| ResourceError::InvalidJson(e.to_string()))?;
+        let max = self.config.import.max_resource_bytes;
+        if bytes.len() > max {
+            return Err(ResourceError::TooLarge {
+                size: bytes.len(),
+                max,
+            });
+        }
+        let signed = record::sign_record(
+            &bytes,
+            &RecordLabel {
+                custodian: self.custodian.clone(),
+                nhs_number: nhs,
+                signed_at: self.now,
+                resource_type: parsed.resource_type.clone(),
+                resource_id: parsed.id.clone(),
+                version: version.clone(),
+            },
+            self.record_key,
+        )
+        .map_err(|e| ResourceError::NotFhir(e.to_string()))?;
+        Ok(StoredRecord {
+            nhs_number: nhs,
+            section: parsed.section,
+            sensitive_categories: fhir::sensitive_categories(
+                &parsed.snomed_codes,
+                &self.config.policy.sensitive_codes,
+            ),
+            resource_type: parsed.resource_type,
+            id: parsed.id,
+            version,
+            date: parsed.date,
+            very_restricted: parsed.very_restricted,
+            document_type: parsed.document_type,
+            signed,
+        })
+    }
+}
