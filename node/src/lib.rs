@@ -6,9 +6,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod fhir;
 pub mod import;
 pub mod keys;
+pub mod node;
+pub mod opening;
+pub mod pointers;
 pub mod policy;
 pub mod store;

@@ -1,1 +1,434 @@
-fn main() {}
+//! `careweave-node`: set up and operate an ICB's careweave node.
+
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use careweave_node::config::{self, LoadedConfig, LogFormat};
+use careweave_node::import::Importer;
+use careweave_node::keys::NodeKeys;
+use careweave_node::node::Node;
+use careweave_node::store::{PatientFlags, Store};
+use careweave_node::{audit, opening};
+use careweave_protocol::{NhsNumber, OdsCode};
+use clap::{Args, Parser, Subcommand};
+
+/// Operate an ICB's careweave node: keys, records, patients and audit.
+#[derive(Debug, Parser)]
+#[command(name = "careweave-node", version, about, long_about = None)]
+struct Cli {
+    /// The node's configuration file.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "CAREWEAVE_CONFIG",
+        default_value = "config.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new node: four keys, a commented config.toml, and the member
+    /// entry the national coordinator needs to add this node.
+    Init(InitArgs),
+    /// Load FHIR R4 records (Bundles or NDJSON) into the node's store.
+    Import(ImportArgs),
+    /// Patient-level flags.
+    #[command(subcommand)]
+    Patient(PatientCommand),
+    /// Check and export the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Show the node's identity, store, audit log and trust state.
+    Status {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Directory to create the node in (keys/, config.toml).
+    #[arg(long)]
+    dir: PathBuf,
+    /// The ICB's ODS code, as on the trust list.
+    #[arg(long)]
+    ods: String,
+    /// The ICB's name.
+    #[arg(long)]
+    name: String,
+    /// Addresses other nodes dial, as libp2p multiaddrs (repeatable).
+    #[arg(long = "listen")]
+    listen: Vec<String>,
+    /// Mark the node as a testnet node (NHS numbers only from the test range).
+    #[arg(long)]
+    testnet: bool,
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// FHIR R4 JSON files: Bundles (transaction, batch, collection), single
+    /// resources, or NDJSON with one resource per line.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Print a line each time a batch is flushed to disk (for scripts).
+    #[arg(long)]
+    log_batches: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PatientCommand {
+    /// Set or clear a patient's restriction or objection.
+    Flag(FlagArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("flag").required(true).args(["restricted", "objection", "clear"])))]
+struct FlagArgs {
+    /// The patient's NHS number.
+    nhs_number: String,
+    /// Restricted (S-flagged): the node answers as if it held nothing.
+    #[arg(long)]
+    restricted: bool,
+    /// The patient objects to sharing: records are withheld, visibly.
+    #[arg(long)]
+    objection: bool,
+    /// Why, for the objection (kept locally, never sent).
+    #[arg(long, requires = "objection")]
+    reason: Option<String>,
+    /// Remove all flags.
+    #[arg(long)]
+    clear: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Recompute the Merkle tree and check every checkpoint.
+    Verify,
+    /// Print one patient's audit entries as JSON with inclusion proofs.
+    Export {
+        /// The patient's NHS number.
+        #[arg(long)]
+        nhs_number: String,
+    },
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if std::env::var_os("SSLKEYLOGFILE").is_some() {
+        bail!(
+            "SSLKEYLOGFILE is set: careweave refuses to run while TLS secrets could be written to disk; unset it"
+        );
+    }
+    match cli.command {
+        Command::Init(args) => init(args),
+        Command::Import(args) => {
+            let loaded = load_config(&cli.config)?;
+            import(&loaded, args)
+        }
+        Command::Patient(PatientCommand::Flag(args)) => {
+            let loaded = load_config(&cli.config)?;
+            flag(&loaded, args)
+        }
+        Command::Audit(AuditCommand::Verify) => {
+            let loaded = load_config(&cli.config)?;
+            audit_verify(&loaded)
+        }
+        Command::Audit(AuditCommand::Export { nhs_number }) => {
+            let loaded = load_config(&cli.config)?;
+            audit_export(&loaded, &nhs_number)
+        }
+        Command::Status { json } => {
+            let loaded = load_config(&cli.config)?;
+            status(&loaded, json)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<LoadedConfig> {
+    let loaded = config::load(path, std::env::vars())?;
+    init_logging(&loaded);
+    Ok(loaded)
+}
+
+fn init_logging(loaded: &LoadedConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&loaded.config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match loaded.config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+fn init(args: InitArgs) -> Result<ExitCode> {
+    let ods = OdsCode::parse(&args.ods).context("--ods")?;
+    if args.name.trim().is_empty() {
+        bail!("--name is empty");
+    }
+    let config_path = args.dir.join("config.toml");
+    if config_path.exists() {
+        bail!(
+            "{} already exists; careweave-node init never overwrites a node",
+            config_path.display()
+        );
+    }
+    let keys = NodeKeys::generate()?;
+    keys.write_new(&args.dir.join("keys"))?;
+    let mut text = config::template(&ods, &args.name);
+    if args.testnet {
+        text = text.replace("testnet = false", "testnet = true");
+    }
+    let listen = if args.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/7000".to_owned(),
+            "/ip4/0.0.0.0/udp/7000/quic-v1".to_owned(),
+        ]
+    } else {
+        args.listen.clone()
+    };
+    let listed: Vec<String> = listen.iter().map(|a| format!("\"{a}\"")).collect();
+    text = text.replace(
+        "listen = [\"/ip4/0.0.0.0/tcp/7000\", \"/ip4/0.0.0.0/udp/7000/quic-v1\"]",
+        &format!("listen = [{}]", listed.join(", ")),
+    );
+    std::fs::write(&config_path, text)
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    println!("# careweave node created in {}", args.dir.display());
+    println!(
+        "# Keys: {}/keys (mode 0600; never share them).",
+        args.dir.display()
+    );
+    println!("# Send this member entry to the national coordinator:");
+    println!();
+    print!("{}", keys.member_entry(&ods, &args.name, &listen));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_node(loaded: &LoadedConfig) -> Result<Node> {
+    Ok(opening::open_node(loaded, now())?)
+}
+
+fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
+    let keys = NodeKeys::load(&loaded.keys_dir())?;
+    let store = Store::open(
+        &loaded.store_dir(),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )?;
+    let importer = Importer {
+        store: &store,
+        record_key: &keys.record,
+        custodian: &loaded.config.node.ods,
+        config: &loaded.config,
+        now: now(),
+    };
+    let mut total = careweave_node::import::ImportReport::default();
+    let terminal = std::io::stderr().is_terminal();
+    for file in &args.files {
+        let name = file.display().to_string();
+        let meta = std::fs::metadata(file).with_context(|| format!("reading {name}"))?;
+        if meta.len() > loaded.config.import.max_file_bytes {
+            bail!(
+                "{name} is {} bytes, over import.max_file_bytes ({})",
+                meta.len(),
+                loaded.config.import.max_file_bytes
+            );
+        }
+        let bytes = std::fs::read(file).with_context(|| format!("reading {name}"))?;
+        let bar = indicatif::ProgressBar::new(0);
+        if terminal {
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} entries")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.set_message(name.clone());
+        } else {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let log_batches = args.log_batches;
+        let mut progress = |done: usize, of: usize| {
+            bar.set_length(of as u64);
+            bar.set_position(done as u64);
+            if log_batches {
+                println!("flushed {done} of {of} entries from {name}");
+                let _ = std::io::stdout().flush();
+            }
+        };
+        let (report, _, _) = importer.import_bytes(&name, &bytes, &mut progress)?;
+        bar.finish_and_clear();
+        total.merge(report);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&total)?);
+    } else {
+        println!(
+            "stored {}, replaced {}, removed {}, rejected {}{}",
+            total.stored,
+            total.replaced,
+            total.removed,
+            total.rejected.len(),
+            if total.patients_linked > 0 {
+                format!(
+                    " ({} Patient resources used for references, not stored)",
+                    total.patients_linked
+                )
+            } else {
+                String::new()
+            }
+        );
+        if total.transaction_aborted {
+            println!(
+                "a transaction Bundle was refused as a whole because of the rejections below; nothing from it was stored"
+            );
+        }
+        for r in &total.rejected {
+            println!("rejected {} {}: {}", r.source, r.entry, r.reason);
+        }
+    }
+    Ok(if total.rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn flag(loaded: &LoadedConfig, args: FlagArgs) -> Result<ExitCode> {
+    let nhs = NhsNumber::parse(&args.nhs_number).context("NHS number")?;
+    if loaded.config.node.testnet && !nhs.is_test_range() {
+        bail!("this is a testnet node: NHS numbers must be in 999 000 0000 - 999 999 9999");
+    }
+    let store = Store::open(
+        &loaded.store_dir(),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )?;
+    let mut flags = store.flags(&nhs)?;
+    if args.clear {
+        flags = PatientFlags::default();
+    }
+    if args.restricted {
+        flags.restricted = true;
+    }
+    if args.objection {
+        flags.objected = true;
+        flags.objection = args.reason.clone();
+    }
+    flags.updated_at = now();
+    store.set_flags(&nhs, &flags)?;
+    println!(
+        "patient {nhs}: restricted {}, objection {}",
+        if flags.restricted { "yes" } else { "no" },
+        if flags.objected { "yes" } else { "no" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(loaded: &LoadedConfig) -> Result<ExitCode> {
+    let keys = NodeKeys::load(&loaded.keys_dir())?;
+    let store = Store::open(
+        &loaded.store_dir(),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )?;
+    match audit::verify(&store, &keys.log.public_key()) {
+        Ok(report) => {
+            println!(
+                "audit log verified: {} entries, {} signed checkpoints, root {}",
+                report.entries, report.checkpoints, report.root
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(failure) => {
+            println!("audit log FAILED verification: {failure}");
+            Ok(ExitCode::from(3))
+        }
+    }
+}
+
+fn audit_export(loaded: &LoadedConfig, nhs_number: &str) -> Result<ExitCode> {
+    let nhs = NhsNumber::parse(nhs_number).context("--nhs-number")?;
+    let store = Store::open(
+        &loaded.store_dir(),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )?;
+    let export = audit::export(&store, &nhs)?;
+    println!("{}", serde_json::to_string_pretty(&export)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
+    let node = open_node(loaded)?;
+    let now = now();
+    let trust = node.trust();
+    let list = trust.as_ref().and_then(|t| t.list.as_ref());
+    let value = serde_json::json!({
+        "ods": node.ods().as_str(),
+        "name": loaded.config.node.name,
+        "peer_id": node.peer_id().to_base58(),
+        "testnet": loaded.config.node.testnet,
+        "records": node.store.record_count(),
+        "patients": node.store.patient_count()?,
+        "audit_entries": node.audit.len(),
+        "trust_root_version": trust.as_ref().map(|t| t.root.root().version),
+        "trust_list_seq": list.map(|l| l.list().seq),
+        "trust_list_expires": list.map(|l| l.list().expires),
+        "ready": node.not_ready_reason(now).is_none(),
+        "not_ready_reason": node.not_ready_reason(now),
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("node        {} ({})", node.ods(), loaded.config.node.name);
+        println!("peer id     {}", node.peer_id());
+        println!(
+            "records     {} for {} patients",
+            node.store.record_count(),
+            node.store.patient_count()?
+        );
+        println!("audit log   {} entries", node.audit.len());
+        match (&trust, list) {
+            (None, _) => println!("trust       no root installed"),
+            (Some(t), None) => println!("trust       root v{}, no list", t.root.root().version),
+            (Some(t), Some(l)) => println!(
+                "trust       root v{}, list seq {} expiring at {}",
+                t.root.root().version,
+                l.list().seq,
+                l.list().expires
+            ),
+        }
+        match node.not_ready_reason(now) {
+            None => println!("ready       yes"),
+            Some(reason) => println!("ready       no: {reason}"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,382 @@
+//! The node's audit log: every locate and fetch, inbound and outbound,
+//! allowed or refused, appended to an RFC 6962 Merkle log before any data
+//! leaves, with checkpoints signed by the log key.
+
+use std::sync::Mutex;
+
+use careweave_protocol::audit::{self, Checkpoint, CompactRange, Hash};
+use careweave_protocol::cbor::{self, Limits};
+use careweave_protocol::message::{RequesterContext, WithheldReason};
+use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// Which way a request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// Another node asked us.
+    Inbound,
+    /// We asked another node (the request is logged before it is sent).
+    OutboundRequest,
+    /// Another node's answer to our request (logged before it is handed on).
+    OutboundResponse,
+}
+
+/// One audit entry: who, about whom, what, when, why and the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    pub time: u64,
+    pub direction: Direction,
+    /// `locate`, `fetch` or `trust`.
+    pub protocol: String,
+    /// The other node, when known.
+    pub peer_ods: Option<OdsCode>,
+    pub peer_id: String,
+    /// Who asked and why, when the request could be read.
+    pub context: Option<RequesterContext>,
+    pub nhs_number: Option<NhsNumber>,
+    /// `answered`, `no-records`, `withheld`, `refused`, `sent`, `failed`.
+    pub outcome: String,
+    /// Why it was refused or failed.
+    pub reason: Option<String>,
+    /// Pointer ids or record keys released.
+    pub released: Vec<String>,
+    pub withheld: Vec<WithheldReason>,
+    /// SHA-256 of the signed request's bytes.
+    #[serde(with = "serde_bytes")]
+    pub request_hash: Vec<u8>,
+    /// Emergency access was used.
+    pub emergency: bool,
+}
+
+/// Audit failures. When an append fails, nothing may be released.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store: {0}")]
+    Store(#[from] StoreError),
+    #[error("audit entry could not be encoded: {0}")]
+    Encode(String),
+    #[error("checkpoint could not be signed: {0}")]
+    Sign(String),
+}
+
+/// Where `audit verify` found the log wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyFailure {
+    #[error(
+        "entry {index} was altered: its bytes no longer match the hash recorded when it was appended"
+    )]
+    EntryAltered { index: u64 },
+    #[error(
+        "checkpoint at size {size} does not match the entries (entries before {size} were altered)"
+    )]
+    RootMismatch { size: u64 },
+    #[error("checkpoint at size {size} is not validly signed by this node's log key: {message}")]
+    BadCheckpoint { size: u64, message: String },
+    #[error("checkpoint at size {size} claims size {claimed}")]
+    SizeMismatch { size: u64, claimed: u64 },
+    #[error(
+        "checkpoint at size {size} is larger than the log ({len} entries): entries were removed"
+    )]
+    Truncated { size: u64, len: u64 },
+    #[error("checkpoints at sizes {old} and {new} are not consistent: {message}")]
+    Inconsistent { old: u64, new: u64, message: String },
+    #[error("entry {index} cannot be read: {message}")]
+    Unreadable { index: u64, message: String },
+}
+
+/// What `audit verify` checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub entries: u64,
+    pub checkpoints: usize,
+    pub root: String,
+}
+
+struct LogState {
+    range: CompactRange,
+    last_checkpoint_size: u64,
+    last_checkpoint_time: u64,
+}
+
+/// The append side of the log.
+pub struct AuditLog {
+    store: Store,
+    log_key: KeyPair,
+    ods: OdsCode,
+    origin: String,
+    every_entries: u64,
+    every_secs: u64,
+    state: Mutex<LogState>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The log's origin string, naming network and node.
+pub fn origin(network: &str, ods: &OdsCode) -> String {
+    format!("careweave/{network}/{ods}/audit")
+}
+
+impl AuditLog {
+    /// Opens the log, rebuilding its right edge from the stored leaf hashes.
+    pub fn open(
+        store: Store,
+        log_key: KeyPair,
+        ods: OdsCode,
+        origin: String,
+        every_entries: u64,
+        every_secs: u64,
+    ) -> Result<Self, AuditError> {
+        let mut range = CompactRange::default();
+        for item in store.audit_entries() {
+            let (_, _, leaf) = item?;
+            range.append(leaf);
+        }
+        let last = store
+            .checkpoints()?
+            .last()
+            .map(|(size, _)| *size)
+            .unwrap_or(0);
+        Ok(Self {
+            store,
+            log_key,
+            ods,
+            origin,
+            every_entries,
+            every_secs,
+            state: Mutex::new(LogState {
+                range,
+                last_checkpoint_size: last,
+                last_checkpoint_time: 0,
+            }),
+        })
+    }
+
+    /// Appends an entry and flushes it; signs a checkpoint when one is due.
+    /// Returns the entry's index. An error means the entry is not in the log
+    /// and the caller must not release data.
+    pub fn append(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
+        let bytes = cbor::encode(entry).map_err(|e| AuditError::Encode(e.to_string()))?;
+        let leaf = audit::leaf_hash(&bytes);
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = self
+            .store
+            .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
+        state.range.append(leaf);
+        if state.last_checkpoint_time == 0 {
+            state.last_checkpoint_time = entry.time;
+        }
+        let due = state.range.size() - state.last_checkpoint_size >= self.every_entries
+            || entry.time.saturating_sub(state.last_checkpoint_time) >= self.every_secs;
+        if due {
+            self.checkpoint_locked(&mut state, entry.time)?;
+        }
+        Ok(index)
+    }
+
+    /// Signs a checkpoint now if entries were added since the last one.
+    pub fn checkpoint(&self, now: u64) -> Result<Option<u64>, AuditError> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.range.size() == state.last_checkpoint_size {
+            return Ok(None);
+        }
+        self.checkpoint_locked(&mut state, now).map(Some)
+    }
+
+    fn checkpoint_locked(&self, state: &mut LogState, now: u64) -> Result<u64, AuditError> {
+        let size = state.range.size();
+        let checkpoint = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: state.range.root(),
+        };
+        let signed = audit::sign_checkpoint(&checkpoint, &self.ods, now, &self.log_key)
+            .map_err(|e| AuditError::Sign(e.to_string()))?;
+        self.store.put_checkpoint(size, &signed)?;
+        state.last_checkpoint_size = size;
+        state.last_checkpoint_time = now;
+        Ok(size)
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .range
+            .size()
+    }
+
+    /// Whether the log is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Recomputes the tree from the stored entries and checks every checkpoint:
+/// its signature by `log_key`, its root against the entries, and its
+/// consistency with the next one.
+pub fn verify(store: &Store, log_key: &PublicKey) -> Result<VerifyReport, VerifyFailure> {
+    let unreadable = |index: u64, e: &dyn std::fmt::Display| VerifyFailure::Unreadable {
+        index,
+        message: e.to_string(),
+    };
+    let mut leaves: Vec<Hash> = Vec::new();
+    for item in store.audit_entries() {
+        let (index, bytes, recorded) = item.map_err(|e| unreadable(leaves.len() as u64, &e))?;
+        if index != leaves.len() as u64 {
+            return Err(unreadable(leaves.len() as u64, &"entry is missing"));
+        }
+        if audit::leaf_hash(&bytes) != recorded {
+            return Err(VerifyFailure::EntryAltered { index });
+        }
+        leaves.push(recorded);
+    }
+    let len = leaves.len() as u64;
+    let checkpoints = store.checkpoints().map_err(|e| unreadable(len, &e))?;
+    let mut previous: Option<(u64, Hash)> = None;
+    for (size, signed) in &checkpoints {
+        let size = *size;
+        let verified = audit::verify_checkpoint(signed, log_key).map_err(|e| {
+            VerifyFailure::BadCheckpoint {
+                size,
+                message: e.to_string(),
+            }
+        })?;
+        if verified.checkpoint.size != size {
+            return Err(VerifyFailure::SizeMismatch {
+                size,
+                claimed: verified.checkpoint.size,
+            });
+        }
+        let prefix = usize::try_from(size)
+            .ok()
+            .and_then(|n| leaves.get(..n))
+            .ok_or(VerifyFailure::Truncated { size, len })?;
+        if audit::root(prefix) != verified.checkpoint.root {
+            return Err(VerifyFailure::RootMismatch { size });
+        }
+        if let Some((old_size, old_root)) = previous {
+            let proof = audit::consistency_proof(prefix, old_size).map_err(|e| {
+                VerifyFailure::Inconsistent {
+                    old: old_size,
+                    new: size,
+                    message: e.to_string(),
+                }
+            })?;
+            audit::verify_consistency(old_size, size, &old_root, &verified.checkpoint.root, &proof)
+                .map_err(|e| VerifyFailure::Inconsistent {
+                    old: old_size,
+                    new: size,
+                    message: e.to_string(),
+                })?;
+        }
+        previous = Some((size, verified.checkpoint.root));
+    }
+    Ok(VerifyReport {
+        entries: len,
+        checkpoints: checkpoints.len(),
+        root: hex::encode(audit::root(&leaves)),
+    })
+}
+
+/// One exported entry with its proof.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedEntry {
+    pub index: u64,
+    pub entry: AuditEntry,
+    /// SHA-256 leaf hash, hex.
+    pub leaf_hash: String,
+    /// Inclusion proof against `checkpoint`, hex hashes; absent when the
+    /// entry is newer than the latest checkpoint.
+    pub inclusion_proof: Option<Vec<String>>,
+}
+
+/// A patient's entries, each with an inclusion proof against the latest checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Export {
+    pub nhs_number: String,
+    /// The latest signed checkpoint (COSE_Sign1, hex) and its size and root.
+    pub checkpoint: Option<ExportedCheckpoint>,
+    pub entries: Vec<ExportedEntry>,
+}
+
+/// A checkpoint in an export.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedCheckpoint {
+    pub size: u64,
+    pub root: String,
+    pub signed: String,
+}
+
+/// Builds a patient's export.
+pub fn export(store: &Store, nhs: &NhsNumber) -> Result<Export, AuditError> {
+    let mut leaves = Vec::new();
+    for item in store.audit_entries() {
+        let (_, _, leaf) = item?;
+        leaves.push(leaf);
+    }
+    let checkpoint = store.checkpoints()?.pop();
+    let (size, exported_checkpoint) = match &checkpoint {
+        Some((size, signed)) => {
+            let prefix = usize::try_from(*size)
+                .ok()
+                .and_then(|n| leaves.get(..n))
+                .unwrap_or(&leaves);
+            (
+                *size,
+                Some(ExportedCheckpoint {
+                    size: *size,
+                    root: hex::encode(audit::root(prefix)),
+                    signed: hex::encode(signed),
+                }),
+            )
+        }
+        None => (0, None),
+    };
+    let prefix = usize::try_from(size)
+        .ok()
+        .and_then(|n| leaves.get(..n))
+        .unwrap_or(&[]);
+    let mut entries = Vec::new();
+    for index in store.audit_for_patient(nhs)? {
+        let bytes = store
+            .audit_entry(index)?
+            .ok_or_else(|| StoreError::Corrupt(format!("audit entry {index} is missing")))?;
+        let entry: AuditEntry = cbor::decode(&bytes, Limits::MESSAGE)
+            .map_err(|e| AuditError::Store(StoreError::Corrupt(e.to_string())))?;
+        let inclusion_proof = if index < size {
+            audit::inclusion_proof(prefix, index)
+                .ok()
+                .map(|p| p.iter().map(hex::encode).collect())
+        } else {
+            None
+        };
+        entries.push(ExportedEntry {
+            index,
+            leaf_hash: hex::encode(audit::leaf_hash(&bytes)),
+            entry,
+            inclusion_proof,
+        });
+    }
+    Ok(Export {
+        nhs_number: nhs.digits(),
+        checkpoint: exported_checkpoint,
+        entries,
+    })
+}

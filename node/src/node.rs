@@ -1,0 +1,1323 @@
+//! A node: its keys, store, audit log and trust state, and the handling of
+//! signed requests in both directions, independent of any transport.
+//!
+//! Inbound: bytes and the connection's PeerId in, signed response bytes out,
+//! after the whole verification order, policy and an audit entry. Outbound:
+//! a signed request for a named peer (audited before it is sent), and the
+//! checks on its response (audited before anything is handed on).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use careweave_protocol::envelope::{self, Opened, ProtocolId, Receive, Seal, VerifyError};
+use careweave_protocol::message::{
+    ErrorCode, ErrorMessage, FetchRequest, FetchResponse, LocateRequest, LocateResponse, Message,
+    Payload, RequesterContext, TrustRequest, TrustResponse, WithheldReason,
+};
+use careweave_protocol::record::{self, VerifiedRecord};
+use careweave_protocol::trust::{self, AcceptedList, AcceptedRoot, Member, Role, TrustError};
+use careweave_protocol::{NhsNumber, OdsCode, PeerIdBytes};
+
+use crate::audit::{AuditEntry, AuditError, AuditLog, Direction};
+use crate::config::NodeConfig;
+use crate::keys::NodeKeys;
+use crate::pointers;
+use crate::policy::{self, PolicySettings, Refusal};
+use crate::store::{Store, StoreError};
+
+/// Counters an operator watches. Every label set is fixed and small.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    pub answered: AtomicU64,
+    pub emergency_alerts: AtomicU64,
+    pub equivocations: AtomicU64,
+    pub audit_failures: AtomicU64,
+}
+
+impl Metrics {
+    fn refuse(&self, reason: &'static str) {
+        let mut map = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *map.entry(reason).or_default() += 1;
+    }
+
+    /// Refusals so far, by reason.
+    pub fn refused(&self) -> BTreeMap<&'static str, u64> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// The trust a node acts under.
+#[derive(Debug, Clone)]
+pub struct TrustState {
+    pub root: AcceptedRoot,
+    pub list: Option<AcceptedList>,
+}
+
+/// Problems opening or running a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("trust: {0}")]
+    Trust(#[from] TrustError),
+    #[error(
+        "no trust root is installed; set [trust] root in the config to the coordinator's root file"
+    )]
+    NoRoot,
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+}
+
+/// What to do with an inbound request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// Send these signed bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing and close: the sender cannot be answered (not on the
+    /// list, or this node has no current trust).
+    Drop(String),
+}
+
+/// Why an outbound request could not be prepared.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("this node holds no current trust list, so it sends no requests")]
+    NoTrust,
+    #[error("{0} is not an active member of the trust list")]
+    UnknownPeer(String),
+    #[error("{0} does not hold the provider role")]
+    NotProvider(String),
+    #[error("{0} has no PeerId on the trust list")]
+    NoPeerId(String),
+    #[error("request is invalid: {0}")]
+    Invalid(String),
+    #[error("the request could not be audited, so it was not sent: {0}")]
+    Audit(String),
+}
+
+/// Why a response was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("response refused: {0}")]
+    Verify(#[from] VerifyError),
+    #[error("response does not answer our request (request hash differs)")]
+    NotOurRequest,
+    #[error("response is a {0:?}, not an answer to this request")]
+    WrongKind(careweave_protocol::message::MessageKind),
+    #[error("response names custodian {found}, but came from {expected}")]
+    WrongCustodian { expected: String, found: String },
+    #[error("record {index} failed its custodian check: {message}")]
+    BadRecord { index: usize, message: String },
+    #[error("record {index} is about another patient")]
+    OtherPatient { index: usize },
+    #[error("this node holds no current trust list")]
+    NoTrust,
+    #[error("the response could not be audited, so it was not handed on: {0}")]
+    Audit(String),
+}
+
+/// A prepared, signed, audited outbound request.
+#[derive(Debug, Clone)]
+pub struct OutboundRequest {
+    pub protocol: ProtocolId,
+    pub bytes: Vec<u8>,
+    pub hash: [u8; 32],
+    pub peer_ods: OdsCode,
+    pub peer_id: PeerIdBytes,
+    pub nhs_number: NhsNumber,
+    pub context: RequesterContext,
+}
+
+/// A peer's answer to a locate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocateAnswer {
+    Answered(LocateResponse),
+    Refused(ErrorMessage),
+}
+
+/// A peer's answer to a fetch: records whose custodian signatures checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchAnswer {
+    Records {
+        custodian: OdsCode,
+        records: Vec<VerifiedRecord>,
+        withheld: Vec<WithheldReason>,
+    },
+    Refused(ErrorMessage),
+}
+
+fn random_cti() -> Result<[u8; 16], NodeError> {
+    let mut cti = [0u8; 16];
+    getrandom::fill(&mut cti).map_err(|e| NodeError::Random(e.to_string()))?;
+    Ok(cti)
+}
+
+fn protocol_name(protocol: ProtocolId) -> &'static str {
+    match protocol {
+        ProtocolId::Locate => "locate",
+        ProtocolId::Fetch => "fetch",
+        ProtocolId::Trust => "trust",
+    }
+}
+
+/// A careweave node without its network.
+#[derive(Debug)]
+pub struct Node {
+    pub config: NodeConfig,
+    pub keys: NodeKeys,
+    pub store: Store,
+    pub audit: AuditLog,
+    pub metrics: Metrics,
+    trust: RwLock<Option<TrustState>>,
+    ods: OdsCode,
+    peer_id: PeerIdBytes,
+}
+
+impl Node {
+    /// Builds a node from its parts and loads any stored trust state.
+    pub fn new(
+        config: NodeConfig,
+        keys: NodeKeys,
+        store: Store,
+        now: u64,
+    ) -> Result<Self, NodeError> {
+        let ods = config.node.ods.clone();
+        let log_key = careweave_protocol::KeyPair::from_secret_bytes(&keys.log.secret_bytes());
+        let network = store
+            .trust_bytes("network")?
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_else(|| "unset".to_owned());
+        let audit = AuditLog::open(
+            store.clone(),
+            log_key,
+            ods.clone(),
+            crate::audit::origin(&network, &ods),
+            config.audit.checkpoint_every_entries,
+            config.audit.checkpoint_every_secs,
+        )?;
+        let node = Self {
+            peer_id: keys.peer_id(),
+            ods,
+            config,
+            keys,
+            audit,
+            metrics: Metrics::default(),
+            trust: RwLock::new(None),
+            store,
+        };
+        node.load_stored_trust(now);
+        node.store.purge_replay(now)?;
+        Ok(node)
+    }
+
+    /// This node's ODS code.
+    pub fn ods(&self) -> &OdsCode {
+        &self.ods
+    }
+
+    /// This node's PeerId.
+    pub fn peer_id(&self) -> &PeerIdBytes {
+        &self.peer_id
+    }
+
+    fn load_stored_trust(&self, now: u64) {
+        let Ok(Some(first)) = self.store.trust_bytes("root/1") else {
+            return;
+        };
+        let Ok(mut root) = trust::accept_first_root(&first, now) else {
+            tracing::warn!("the stored trust root no longer verifies; trust must be reinstalled");
+            return;
+        };
+        let mut version = 2u64;
+        while let Ok(Some(bytes)) = self.store.trust_bytes(&format!("root/{version}")) {
+            match trust::accept_next_root(&root, &bytes, now) {
+                Ok(next) => root = next,
+                Err(e) => {
+                    tracing::warn!(version, error = %e, "a stored root version no longer verifies");
+                    break;
+                }
+            }
+            version += 1;
+        }
+        let list = self
+            .store
+            .trust_bytes("list")
+            .ok()
+            .flatten()
+            .and_then(|bytes| match trust::accept_list(&root, None, &bytes, now) {
+                Ok(list) => Some(list),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the stored trust list is not current; this node answers nothing until a new list arrives");
+                    None
+                }
+            });
+        self.set_trust(Some(TrustState { root, list }));
+    }
+
+    fn set_trust(&self, state: Option<TrustState>) {
+        *self
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+
+    /// The trust state now.
+    pub fn trust(&self) -> Option<TrustState> {
+        self.trust
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Installs a root: the first root if none is held, else the next version.
+    pub fn install_root(&self, bytes: &[u8], now: u64) -> Result<u64, NodeError> {
+        let held = self.trust();
+        let accepted = match &held {
+            None => trust::accept_first_root(bytes, now)?,
+            Some(state) => trust::accept_next_root(&state.root, bytes, now)?,
+        };
+        let version = accepted.root().version;
+        self.store
+            .set_trust_bytes(&format!("root/{version}"), bytes)?;
+        self.store
+            .set_trust_bytes("network", accepted.root().network.as_bytes())?;
+        // A list signed under the old root stays until a new one arrives.
+        let list = held
+            .and_then(|s| s.list)
+            .filter(|l| l.list().root_version == version);
+        self.set_trust(Some(TrustState {
+            root: accepted,
+            list,
+        }));
+        Ok(version)
+    }
+
+    /// Installs a trust list under the held root. Returns its seq.
+    pub fn install_list(&self, bytes: &[u8], now: u64) -> Result<u64, NodeError> {
+        let state = self.trust().ok_or(NodeError::NoRoot)?;
+        let accepted = match trust::accept_list(&state.root, state.list.as_ref(), bytes, now) {
+            Ok(list) => list,
+            Err(e @ TrustError::Equivocation { .. }) => {
+                self.metrics.equivocations.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "ALERT: two different trust lists carry the same seq; the newer one was refused");
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let seq = accepted.list().seq;
+        self.store.set_trust_bytes("list", bytes)?;
+        self.set_trust(Some(TrustState {
+            root: state.root,
+            list: Some(accepted),
+        }));
+        Ok(seq)
+    }
+
+    /// The current list, if it is in force at `now`.
+    pub fn current_list(&self, now: u64) -> Option<AcceptedList> {
+        self.trust()
+            .and_then(|s| s.list)
+            .filter(|l| l.is_current(now))
+    }
+
+    /// Why this node is not ready to answer, if it is not.
+    pub fn not_ready_reason(&self, now: u64) -> Option<String> {
+        match self.trust() {
+            None => Some("no trust root is installed".to_owned()),
+            Some(TrustState { list: None, .. }) => Some("no trust list is held".to_owned()),
+            Some(TrustState {
+                list: Some(list), ..
+            }) if !list.is_current(now) => Some(format!(
+                "the trust list (seq {}) expired at {}; failing closed until a newer list arrives",
+                list.list().seq,
+                list.list().expires
+            )),
+            Some(TrustState {
+                list: Some(list), ..
+            }) if list.member_by_ods(&self.ods).is_none() => Some(format!(
+                "this node ({}) is not on the trust list (seq {})",
+                self.ods,
+                list.list().seq
+            )),
+            _ => None,
+        }
+    }
+
+    fn policy_settings(&self) -> PolicySettings {
+        PolicySettings {
+            emergency_overrides_objection: self.config.policy.emergency_overrides_objection,
+        }
+    }
+
+    // Inbound.
+
+    /// Handles one inbound request from the peer authenticated as `remote`.
+    pub fn handle_request(
+        &self,
+        protocol: ProtocolId,
+        bytes: &[u8],
+        remote: &PeerIdBytes,
+        now: u64,
+    ) -> Inbound {
+        let request_hash = envelope::message_hash(bytes);
+        let Some(list) = self.current_list(now) else {
+            let reason = self
+                .not_ready_reason(now)
+                .unwrap_or_else(|| "no current trust list".to_owned());
+            self.metrics.refuse("trust-unavailable");
+            let _ = self.audit_refusal(
+                protocol,
+                None,
+                remote,
+                None,
+                request_hash,
+                "trust-unavailable",
+                &reason,
+                now,
+            );
+            return Inbound::Drop(reason);
+        };
+        let Some(local) = list.member_by_ods(&self.ods).cloned() else {
+            self.metrics.refuse("not-on-list");
+            return Inbound::Drop(format!("this node ({}) is not on the trust list", self.ods));
+        };
+        let remote_member = list.member_by_peer(remote).cloned();
+        let policy = list_policy(self.trust().as_ref());
+        let ctx = Receive {
+            trust: &list,
+            policy: &policy,
+            protocol,
+            local_ods: &self.ods,
+            local_peer: &self.peer_id,
+            remote_peer: remote,
+            now,
+            max_bytes: self.config.network.max_frame_bytes,
+        };
+        let store_error: Mutex<Option<StoreError>> = Mutex::new(None);
+        let opened = envelope::open(bytes, &ctx, |iss, cti, exp| {
+            match self.store.seen_before(iss, cti, exp) {
+                Ok(seen) => seen,
+                Err(e) => {
+                    if let Ok(mut slot) = store_error.lock() {
+                        *slot = Some(e);
+                    }
+                    true
+                }
+            }
+        });
+        if let Ok(mut slot) = store_error.lock()
+            && let Some(e) = slot.take()
+        {
+            tracing::error!(error = %e, "replay cache write failed; refusing the request");
+            return self.refuse(
+                protocol,
+                &list,
+                remote_member.as_ref(),
+                remote,
+                None,
+                request_hash,
+                "internal",
+                ErrorCode::Internal,
+                "the node could not record the request; try again",
+                now,
+            );
+        }
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                let code = match e {
+                    VerifyError::TooLarge { .. }
+                    | VerifyError::Malformed(_)
+                    | VerifyError::BadPayload(_) => ErrorCode::BadRequest,
+                    _ => ErrorCode::Unauthorised,
+                };
+                tracing::info!(reason = e.reason(), detail = %e, "inbound request refused");
+                return self.refuse(
+                    protocol,
+                    &list,
+                    remote_member.as_ref(),
+                    remote,
+                    None,
+                    request_hash,
+                    e.reason(),
+                    code,
+                    &e.to_string(),
+                    now,
+                );
+            }
+        };
+        let Some(requester) = list.member_by_ods(&opened.sender).cloned() else {
+            return Inbound::Drop("sender vanished from the list".to_owned());
+        };
+        match &opened.message {
+            Message::LocateRequest(request) => {
+                self.answer_locate(&list, remote, &local, &requester, &opened, request, now)
+            }
+            Message::FetchRequest(request) => {
+                self.answer_fetch(&list, remote, &local, &requester, &opened, request, now)
+            }
+            Message::TrustRequest(request) => {
+                self.answer_trust(&list, remote, &requester, &opened, *request, now)
+            }
+            other => self.refuse(
+                protocol,
+                &list,
+                Some(&requester),
+                remote,
+                None,
+                request_hash,
+                "not-a-request",
+                ErrorCode::BadRequest,
+                &format!("{:?} is not a request", other.kind()),
+                now,
+            ),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_refusal(
+        &self,
+        protocol: ProtocolId,
+        peer: Option<&Member>,
+        remote: &PeerIdBytes,
+        context: Option<(&RequesterContext, &NhsNumber)>,
+        request_hash: [u8; 32],
+        reason: &str,
+        detail: &str,
+        now: u64,
+    ) -> Result<u64, AuditError> {
+        if protocol == ProtocolId::Trust {
+            return Ok(0);
+        }
+        self.append_audit(&AuditEntry {
+            time: now,
+            direction: Direction::Inbound,
+            protocol: protocol_name(protocol).to_owned(),
+            peer_ods: peer.map(|m| m.ods.clone()),
+            peer_id: remote.to_base58(),
+            context: context.map(|(c, _)| c.clone()),
+            nhs_number: context.map(|(_, n)| *n),
+            outcome: "refused".to_owned(),
+            reason: Some(format!("{reason}: {detail}")),
+            released: vec![],
+            withheld: vec![],
+            request_hash: request_hash.to_vec(),
+            emergency: context.is_some_and(|(c, _)| c.break_glass_reason.is_some()),
+        })
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
+        self.audit.append(entry).inspect_err(|e| {
+            self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "audit append failed; nothing will be released");
+        })
+    }
+
+    /// Counts, audits and answers a refusal with a signed error, when the
+    /// sender is a member that can be addressed.
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        protocol: ProtocolId,
+        list: &AcceptedList,
+        peer: Option<&Member>,
+        remote: &PeerIdBytes,
+        context: Option<(&RequesterContext, &NhsNumber)>,
+        request_hash: [u8; 32],
+        reason: &'static str,
+        code: ErrorCode,
+        detail: &str,
+        now: u64,
+    ) -> Inbound {
+        self.metrics.refuse(reason);
+        if self
+            .audit_refusal(
+                protocol,
+                peer,
+                remote,
+                context,
+                request_hash,
+                reason,
+                detail,
+                now,
+            )
+            .is_err()
+        {
+            return Inbound::Drop("audit unavailable".to_owned());
+        }
+        let Some(peer) = peer else {
+            return Inbound::Drop(format!("refused ({reason}) a peer that is not on the list"));
+        };
+        let message: String = detail.chars().take(1000).collect();
+        self.reply(
+            protocol,
+            list,
+            peer,
+            remote,
+            request_hash,
+            &ErrorMessage {
+                code,
+                message,
+                retry_after_ms: None,
+            },
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reply<P: Payload>(
+        &self,
+        protocol: ProtocolId,
+        list: &AcceptedList,
+        peer: &Member,
+        remote: &PeerIdBytes,
+        request_hash: [u8; 32],
+        payload: &P,
+        now: u64,
+    ) -> Inbound {
+        let cti = match random_cti() {
+            Ok(cti) => cti,
+            Err(e) => return Inbound::Drop(e.to_string()),
+        };
+        let seal = Seal {
+            key: &self.keys.message,
+            protocol,
+            sender_ods: &self.ods,
+            receiver_ods: &peer.ods,
+            sender_peer: &self.peer_id,
+            receiver_peer: remote,
+            trust_seq: list.list().seq,
+            now,
+            lifetime_secs: self.config.network.message_life_secs,
+            cti,
+            request_hash: Some(request_hash),
+        };
+        match envelope::seal(payload, &seal) {
+            Ok(bytes) => Inbound::Reply(bytes),
+            Err(e) => Inbound::Drop(format!("could not sign the response: {e}")),
+        }
+    }
+
+    fn check_request(
+        &self,
+        local: &Member,
+        requester: &Member,
+        nhs: &NhsNumber,
+        now: u64,
+    ) -> Result<(), (&'static str, ErrorCode, String)> {
+        policy::check_parties(requester, local, now)
+            .map_err(|r| (r.reason(), ErrorCode::Refused, r.to_string()))?;
+        if self.config.node.testnet && !nhs.is_test_range() {
+            return Err((
+                "outside-test-range",
+                ErrorCode::BadRequest,
+                "this is a testnet node: NHS numbers must be in 999 000 0000 - 999 999 9999"
+                    .to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn emergency_alert(&self, requester: &Member, context: &RequesterContext, protocol: &str) {
+        self.metrics
+            .emergency_alerts
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            alert = "emergency-access",
+            requester = %requester.ods,
+            organisation = %context.organisation,
+            user = %context.user_id,
+            request_id = %context.request_id,
+            reason = context.break_glass_reason.as_deref().unwrap_or(""),
+            protocol,
+            "ALERT: emergency (break-glass) access to records held here"
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer_locate(
+        &self,
+        list: &AcceptedList,
+        remote: &PeerIdBytes,
+        local: &Member,
+        requester: &Member,
+        opened: &Opened,
+        request: &LocateRequest,
+        now: u64,
+    ) -> Inbound {
+        let who = Some((&request.context, &request.nhs_number));
+        if let Err((reason, code, detail)) =
+            self.check_request(local, requester, &request.nhs_number, now)
+        {
+            return self.refuse(
+                ProtocolId::Locate,
+                list,
+                Some(requester),
+                remote,
+                who,
+                opened.hash,
+                reason,
+                code,
+                &detail,
+                now,
+            );
+        }
+        let (records, flags, salt) = match (
+            self.store.patient_records(&request.nhs_number),
+            self.store.flags(&request.nhs_number),
+            self.store.pointer_salt(),
+        ) {
+            (Ok(r), Ok(f), Ok(s)) => (r, f, s),
+            _ => {
+                return self.refuse(
+                    ProtocolId::Locate,
+                    list,
+                    Some(requester),
+                    remote,
+                    who,
+                    opened.hash,
+                    "internal",
+                    ErrorCode::Internal,
+                    "the node could not read its store",
+                    now,
+                );
+            }
+        };
+        let records: Vec<_> = match &request.sections {
+            Some(sections) => records
+                .into_iter()
+                .filter(|r| sections.contains(&r.section))
+                .collect(),
+            None => records,
+        };
+        let disclosure =
+            match policy::disclose(&request.context, &flags, &records, self.policy_settings()) {
+                Ok(d) => d,
+                Err(refusal) => {
+                    return self.policy_refusal(
+                        ProtocolId::Locate,
+                        list,
+                        requester,
+                        remote,
+                        who,
+                        opened,
+                        &refusal,
+                        now,
+                    );
+                }
+            };
+        if disclosure.emergency {
+            self.emergency_alert(requester, &request.context, "locate");
+        }
+        let pointers = pointers::build(&self.ods, &salt, &request.nhs_number, &disclosure.released);
+        let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
+        let outcome = outcome_label(!pointers.is_empty(), !withheld.is_empty());
+        let entry = AuditEntry {
+            time: now,
+            direction: Direction::Inbound,
+            protocol: "locate".to_owned(),
+            peer_ods: Some(requester.ods.clone()),
+            peer_id: remote.to_base58(),
+            context: Some(request.context.clone()),
+            nhs_number: Some(request.nhs_number),
+            outcome: outcome.to_owned(),
+            reason: flags
+                .restricted
+                .then(|| "restricted patient: answered as unknown".to_owned()),
+            released: pointers.iter().map(|p| p.id.clone()).collect(),
+            withheld: withheld.clone(),
+            request_hash: opened.hash.to_vec(),
+            emergency: disclosure.emergency,
+        };
+        if self.append_audit(&entry).is_err() {
+            return self.reply(
+                ProtocolId::Locate,
+                list,
+                requester,
+                remote,
+                opened.hash,
+                &ErrorMessage {
+                    code: ErrorCode::Internal,
+                    message: "the node could not write its audit log, so it released nothing"
+                        .to_owned(),
+                    retry_after_ms: Some(1000),
+                },
+                now,
+            );
+        }
+        self.metrics.answered.fetch_add(1, Ordering::Relaxed);
+        self.reply(
+            ProtocolId::Locate,
+            list,
+            requester,
+            remote,
+            opened.hash,
+            &LocateResponse {
+                custodian: self.ods.clone(),
+                pointers,
+                withheld,
+            },
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn policy_refusal(
+        &self,
+        protocol: ProtocolId,
+        list: &AcceptedList,
+        requester: &Member,
+        remote: &PeerIdBytes,
+        who: Option<(&RequesterContext, &NhsNumber)>,
+        opened: &Opened,
+        refusal: &Refusal,
+        now: u64,
+    ) -> Inbound {
+        self.refuse(
+            protocol,
+            list,
+            Some(requester),
+            remote,
+            who,
+            opened.hash,
+            refusal.reason(),
+            ErrorCode::Refused,
+            &refusal.to_string(),
+            now,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn answer_fetch(
+        &self,
+        list: &AcceptedList,
+        remote: &PeerIdBytes,
+        local: &Member,
+        requester: &Member,
+        opened: &Opened,
+        request: &FetchRequest,
+        now: u64,
+    ) -> Inbound {
+        let who = Some((&request.context, &request.nhs_number));
+        if let Err((reason, code, detail)) =
+            self.check_request(local, requester, &request.nhs_number, now)
+        {
+            return self.refuse(
+                ProtocolId::Fetch,
+                list,
+                Some(requester),
+                remote,
+                who,
+                opened.hash,
+                reason,
+                code,
+                &detail,
+                now,
+            );
+        }
+        let (records, flags, salt) = match (
+            self.store.patient_records(&request.nhs_number),
+            self.store.flags(&request.nhs_number),
+            self.store.pointer_salt(),
+        ) {
+            (Ok(r), Ok(f), Ok(s)) => (r, f, s),
+            _ => {
+                return self.refuse(
+                    ProtocolId::Fetch,
+                    list,
+                    Some(requester),
+                    remote,
+                    who,
+                    opened.hash,
+                    "internal",
+                    ErrorCode::Internal,
+                    "the node could not read its store",
+                    now,
+                );
+            }
+        };
+        let disclosure =
+            match policy::disclose(&request.context, &flags, &records, self.policy_settings()) {
+                Ok(d) => d,
+                Err(refusal) => {
+                    return self.policy_refusal(
+                        ProtocolId::Fetch,
+                        list,
+                        requester,
+                        remote,
+                        who,
+                        opened,
+                        &refusal,
+                        now,
+                    );
+                }
+            };
+        let all: Vec<_> = if flags.restricted {
+            vec![]
+        } else {
+            records.iter().collect()
+        };
+        let released_group = pointers::find(
+            &self.ods,
+            &salt,
+            &request.nhs_number,
+            &disclosure.released,
+            &request.pointer_id,
+        );
+        let known = released_group.is_some()
+            || pointers::find(
+                &self.ods,
+                &salt,
+                &request.nhs_number,
+                &all,
+                &request.pointer_id,
+            )
+            .is_some()
+            || disclosure.withheld.contains(&WithheldReason::Objection);
+        if !known {
+            // Unknown pointer, unknown patient and restricted patient look alike.
+            return self.refuse(
+                ProtocolId::Fetch,
+                list,
+                Some(requester),
+                remote,
+                who,
+                opened.hash,
+                "not-found",
+                ErrorCode::NotFound,
+                "no records behind that pointer",
+                now,
+            );
+        }
+        if disclosure.emergency {
+            self.emergency_alert(requester, &request.context, "fetch");
+        }
+        let released: Vec<_> = released_group.map(|g| g.records).unwrap_or_default();
+        let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
+        let entry = AuditEntry {
+            time: now,
+            direction: Direction::Inbound,
+            protocol: "fetch".to_owned(),
+            peer_ods: Some(requester.ods.clone()),
+            peer_id: remote.to_base58(),
+            context: Some(request.context.clone()),
+            nhs_number: Some(request.nhs_number),
+            outcome: outcome_label(!released.is_empty(), !withheld.is_empty()).to_owned(),
+            reason: None,
+            released: released
+                .iter()
+                .map(|r| format!("{}@{}", r.key(), r.version))
+                .collect(),
+            withheld: withheld.clone(),
+            request_hash: opened.hash.to_vec(),
+            emergency: disclosure.emergency,
+        };
+        if self.append_audit(&entry).is_err() {
+            return self.reply(
+                ProtocolId::Fetch,
+                list,
+                requester,
+                remote,
+                opened.hash,
+                &ErrorMessage {
+                    code: ErrorCode::Internal,
+                    message: "the node could not write its audit log, so it released nothing"
+                        .to_owned(),
+                    retry_after_ms: Some(1000),
+                },
+                now,
+            );
+        }
+        self.metrics.answered.fetch_add(1, Ordering::Relaxed);
+        self.reply(
+            ProtocolId::Fetch,
+            list,
+            requester,
+            remote,
+            opened.hash,
+            &FetchResponse {
+                custodian: self.ods.clone(),
+                records: released
+                    .iter()
+                    .map(|r| serde_bytes::ByteBuf::from(r.signed.clone()))
+                    .collect(),
+                withheld,
+            },
+            now,
+        )
+    }
+
+    fn answer_trust(
+        &self,
+        list: &AcceptedList,
+        remote: &PeerIdBytes,
+        requester: &Member,
+        opened: &Opened,
+        request: TrustRequest,
+        now: u64,
+    ) -> Inbound {
+        let Some(state) = self.trust() else {
+            return Inbound::Drop("no trust held".to_owned());
+        };
+        let current = state.root.root().version;
+        let roots: Vec<_> = (request.root_version.saturating_add(1)..=current)
+            .take(careweave_protocol::message::MAX_ROOT_CHAIN)
+            .filter_map(|v| self.store.trust_bytes(&format!("root/{v}")).ok().flatten())
+            .map(serde_bytes::ByteBuf::from)
+            .collect();
+        let list_bytes = (request.list_seq < list.list().seq || !roots.is_empty())
+            .then(|| serde_bytes::ByteBuf::from(list.bytes().to_vec()));
+        self.reply(
+            ProtocolId::Trust,
+            list,
+            requester,
+            remote,
+            opened.hash,
+            &TrustResponse {
+                roots,
+                list: list_bytes,
+            },
+            now,
+        )
+    }
+
+    // Outbound.
+
+    /// Signs a locate request for `peer_ods` and audits it before it is sent.
+    pub fn prepare_locate(
+        &self,
+        peer_ods: &OdsCode,
+        request: &LocateRequest,
+        now: u64,
+    ) -> Result<OutboundRequest, RequestError> {
+        self.prepare(
+            ProtocolId::Locate,
+            peer_ods,
+            request,
+            request.nhs_number,
+            &request.context,
+            now,
+        )
+    }
+
+    /// Signs a fetch request for `peer_ods` and audits it before it is sent.
+    pub fn prepare_fetch(
+        &self,
+        peer_ods: &OdsCode,
+        request: &FetchRequest,
+        now: u64,
+    ) -> Result<OutboundRequest, RequestError> {
+        self.prepare(
+            ProtocolId::Fetch,
+            peer_ods,
+            request,
+            request.nhs_number,
+            &request.context,
+            now,
+        )
+    }
+
+    fn prepare<P: Payload>(
+        &self,
+        protocol: ProtocolId,
+        peer_ods: &OdsCode,
+        payload: &P,
+        nhs_number: NhsNumber,
+        context: &RequesterContext,
+        now: u64,
+    ) -> Result<OutboundRequest, RequestError> {
+        let list = self.current_list(now).ok_or(RequestError::NoTrust)?;
+        let peer = list
+            .member_by_ods(peer_ods)
+            .filter(|m| m.is_active_at(now))
+            .ok_or_else(|| RequestError::UnknownPeer(peer_ods.to_string()))?;
+        if !peer.has_role(Role::Provider) {
+            return Err(RequestError::NotProvider(peer_ods.to_string()));
+        }
+        let peer_id = peer
+            .peers
+            .first()
+            .map(|p| p.peer_id.clone())
+            .ok_or_else(|| RequestError::NoPeerId(peer_ods.to_string()))?;
+        let cti = random_cti().map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let seal = Seal {
+            key: &self.keys.message,
+            protocol,
+            sender_ods: &self.ods,
+            receiver_ods: peer_ods,
+            sender_peer: &self.peer_id,
+            receiver_peer: &peer_id,
+            trust_seq: list.list().seq,
+            now,
+            lifetime_secs: self.config.network.message_life_secs,
+            cti,
+            request_hash: None,
+        };
+        let bytes =
+            envelope::seal(payload, &seal).map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let hash = envelope::message_hash(&bytes);
+        self.append_audit(&AuditEntry {
+            time: now,
+            direction: Direction::OutboundRequest,
+            protocol: protocol_name(protocol).to_owned(),
+            peer_ods: Some(peer_ods.clone()),
+            peer_id: peer_id.to_base58(),
+            context: Some(context.clone()),
+            nhs_number: Some(nhs_number),
+            outcome: "sent".to_owned(),
+            reason: None,
+            released: vec![],
+            withheld: vec![],
+            request_hash: hash.to_vec(),
+            emergency: context.break_glass_reason.is_some(),
+        })
+        .map_err(|e| RequestError::Audit(e.to_string()))?;
+        Ok(OutboundRequest {
+            protocol,
+            bytes,
+            hash,
+            peer_ods: peer_ods.clone(),
+            peer_id,
+            nhs_number,
+            context: context.clone(),
+        })
+    }
+
+    fn open_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<(AcceptedList, Opened), ResponseError> {
+        let list = self.current_list(now).ok_or(ResponseError::NoTrust)?;
+        let state = self.trust();
+        let policy = list_policy(state.as_ref());
+        let ctx = Receive {
+            trust: &list,
+            policy: &policy,
+            protocol: request.protocol,
+            local_ods: &self.ods,
+            local_peer: &self.peer_id,
+            remote_peer: &request.peer_id,
+            now,
+            max_bytes: self.config.network.max_frame_bytes,
+        };
+        let opened = envelope::open(bytes, &ctx, |iss, cti, exp| {
+            self.store.seen_before(iss, cti, exp).unwrap_or(true)
+        })?;
+        if opened.request_hash != Some(request.hash) {
+            return Err(ResponseError::NotOurRequest);
+        }
+        Ok((list, opened))
+    }
+
+    fn audit_response(
+        &self,
+        request: &OutboundRequest,
+        outcome: &str,
+        reason: Option<String>,
+        released: Vec<String>,
+        withheld: Vec<WithheldReason>,
+        now: u64,
+    ) -> Result<(), ResponseError> {
+        self.append_audit(&AuditEntry {
+            time: now,
+            direction: Direction::OutboundResponse,
+            protocol: protocol_name(request.protocol).to_owned(),
+            peer_ods: Some(request.peer_ods.clone()),
+            peer_id: request.peer_id.to_base58(),
+            context: Some(request.context.clone()),
+            nhs_number: Some(request.nhs_number),
+            outcome: outcome.to_owned(),
+            reason,
+            released,
+            withheld,
+            request_hash: request.hash.to_vec(),
+            emergency: request.context.break_glass_reason.is_some(),
+        })
+        .map(|_| ())
+        .map_err(|e| ResponseError::Audit(e.to_string()))
+    }
+
+    /// Records that an outbound request got no usable answer (timeout,
+    /// unreachable peer, refused response).
+    pub fn record_outbound_failure(
+        &self,
+        request: &OutboundRequest,
+        reason: &str,
+        now: u64,
+    ) -> Result<(), ResponseError> {
+        self.audit_response(
+            request,
+            "failed",
+            Some(reason.to_owned()),
+            vec![],
+            vec![],
+            now,
+        )
+    }
+
+    /// Checks a locate response and audits it before handing it on.
+    pub fn accept_locate_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<LocateAnswer, ResponseError> {
+        let result = self.check_locate_response(request, bytes, now);
+        match &result {
+            Ok(LocateAnswer::Answered(r)) => self.audit_response(
+                request,
+                outcome_label(!r.pointers.is_empty(), !r.withheld.is_empty()),
+                None,
+                r.pointers.iter().map(|p| p.id.clone()).collect(),
+                r.withheld.clone(),
+                now,
+            )?,
+            Ok(LocateAnswer::Refused(e)) => self.audit_response(
+                request,
+                "refused",
+                Some(e.message.clone()),
+                vec![],
+                vec![],
+                now,
+            )?,
+            Err(e) => self.record_outbound_failure(request, &e.to_string(), now)?,
+        }
+        result
+    }
+
+    fn check_locate_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<LocateAnswer, ResponseError> {
+        let (_, opened) = self.open_response(request, bytes, now)?;
+        match opened.message {
+            Message::LocateResponse(response) => {
+                if response.custodian != opened.sender {
+                    return Err(ResponseError::WrongCustodian {
+                        expected: opened.sender.to_string(),
+                        found: response.custodian.to_string(),
+                    });
+                }
+                Ok(LocateAnswer::Answered(response))
+            }
+            Message::Error(e) => Ok(LocateAnswer::Refused(e)),
+            other => Err(ResponseError::WrongKind(other.kind())),
+        }
+    }
+
+    /// Checks a fetch response, including every record's custodian
+    /// signature and patient, and audits it before handing it on.
+    pub fn accept_fetch_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<FetchAnswer, ResponseError> {
+        let result = self.check_fetch_response(request, bytes, now);
+        match &result {
+            Ok(FetchAnswer::Records {
+                records, withheld, ..
+            }) => self.audit_response(
+                request,
+                outcome_label(!records.is_empty(), !withheld.is_empty()),
+                None,
+                records
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{}/{}@{}",
+                            r.label.resource_type, r.label.resource_id, r.label.version
+                        )
+                    })
+                    .collect(),
+                withheld.clone(),
+                now,
+            )?,
+            Ok(FetchAnswer::Refused(e)) => self.audit_response(
+                request,
+                "refused",
+                Some(e.message.clone()),
+                vec![],
+                vec![],
+                now,
+            )?,
+            Err(e) => self.record_outbound_failure(request, &e.to_string(), now)?,
+        }
+        result
+    }
+
+    fn check_fetch_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<FetchAnswer, ResponseError> {
+        let (list, opened) = self.open_response(request, bytes, now)?;
+        let response = match opened.message {
+            Message::FetchResponse(response) => response,
+            Message::Error(e) => return Ok(FetchAnswer::Refused(e)),
+            other => return Err(ResponseError::WrongKind(other.kind())),
+        };
+        if response.custodian != opened.sender {
+            return Err(ResponseError::WrongCustodian {
+                expected: opened.sender.to_string(),
+                found: response.custodian.to_string(),
+            });
+        }
+        let sender = list.member_by_ods(&opened.sender);
+        let mut records = Vec::with_capacity(response.records.len());
+        for (index, signed) in response.records.iter().enumerate() {
+            let verified =
+                record::verify_record(signed, &list).map_err(|e| ResponseError::BadRecord {
+                    index,
+                    message: e.to_string(),
+                })?;
+            let custodian_ok = verified.label.custodian == response.custodian
+                || sender.is_some_and(|m| m.predecessors.contains(&verified.label.custodian));
+            if !custodian_ok {
+                return Err(ResponseError::BadRecord {
+                    index,
+                    message: format!(
+                        "record's custodian is {}, not {}",
+                        verified.label.custodian, response.custodian
+                    ),
+                });
+            }
+            if verified.label.nhs_number != request.nhs_number {
+                return Err(ResponseError::OtherPatient { index });
+            }
+            records.push(verified);
+        }
+        Ok(FetchAnswer::Records {
+            custodian: response.custodian,
+            records,
+            withheld: response.withheld,
+        })
+    }
+}
+
+fn list_policy(state: Option<&TrustState>) -> trust::Policy {
+    state.map(|s| s.root.root().policy).unwrap_or_default()
+}
+
+fn outcome_label(released: bool, withheld: bool) -> &'static str {
+    match (released, withheld) {
+        (true, _) => "answered",
+        (false, true) => "withheld",
+        (false, false) => "no-records",
+    }
+}
