@@ -1112,11 +1112,20 @@ impl Node {
             now,
             max_bytes: self.config.network.max_frame_bytes,
         };
-        let opened = envelope::open(bytes, &ctx, |iss, cti, exp| {
-            self.store.seen_before(iss, cti, exp).unwrap_or(true)
-        })?;
+        // The replay cache is consulted only once the response is known to
+        // answer this request, so a misdelivered response does not burn it.
+        let opened = envelope::open(bytes, &ctx, |_, _, _| false)?;
         if opened.request_hash != Some(request.hash) {
             return Err(ResponseError::NotOurRequest);
+        }
+        if self
+            .store
+            .seen_before(&opened.sender, &opened.cti, opened.exp)
+            .unwrap_or(true)
+        {
+            return Err(ResponseError::Verify(VerifyError::Replayed {
+                iss: opened.sender,
+            }));
         }
         Ok((list, opened))
     }

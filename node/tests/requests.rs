@@ -1,0 +1,651 @@
+//! Request handling end to end, without a network: two nodes, real keys,
+//! a signed trust list, real stores and audit logs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use careweave_node::audit::{self, AuditEntry};
+use careweave_node::import::Importer;
+use careweave_node::node::{FetchAnswer, Inbound, LocateAnswer, Node, ResponseError};
+use careweave_node::store::PatientFlags;
+use careweave_protocol::cbor::{self, Limits};
+use careweave_protocol::envelope::{self, ProtocolId, Seal};
+use careweave_protocol::message::{
+    ErrorCode, FetchRequest, LocateRequest, Purpose, WithheldReason,
+};
+use careweave_protocol::trust::{Revocation, Role};
+use careweave_protocol::{NhsNumber, OdsCode, PeerIdBytes};
+use common::{DAY, T0, TestNode, context, keys, member, network, open};
+
+fn nhs() -> NhsNumber {
+    NhsNumber::parse("9990000018").unwrap()
+}
+
+fn ods(code: &str) -> OdsCode {
+    OdsCode::parse(code).unwrap()
+}
+
+fn load_records(node: &Node) {
+    let importer = Importer {
+        store: &node.store,
+        record_key: &node.keys.record,
+        custodian: node.ods(),
+        config: &node.config,
+        now: T0 - DAY,
+    };
+    let (report, _, _) = importer
+        .import_bytes(
+            "multi-section.json",
+            common::BUNDLE.as_bytes(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    assert_eq!(report.stored, 9, "{report:?}");
+}
+
+fn locate_request(purpose: Purpose) -> LocateRequest {
+    LocateRequest {
+        nhs_number: nhs(),
+        context: context(purpose),
+        sections: None,
+    }
+}
+
+fn pair() -> (TestNode, TestNode) {
+    let (coordinator, list) = network();
+    let qhg = open("QHG", &coordinator, &list);
+    let que = open("QUE", &coordinator, &list);
+    load_records(&que.node);
+    (qhg, que)
+}
+
+fn reply(inbound: Inbound) -> Vec<u8> {
+    match inbound {
+        Inbound::Reply(bytes) => bytes,
+        Inbound::Drop(reason) => panic!("dropped: {reason}"),
+    }
+}
+
+fn last_entry(node: &Node) -> AuditEntry {
+    let len = node.store.audit_len().unwrap();
+    let bytes = node.store.audit_entry(len - 1).unwrap().unwrap();
+    cbor::decode(&bytes, Limits::MESSAGE).unwrap()
+}
+
+#[test]
+fn locate_then_fetch_across_two_nodes() {
+    let (qhg, que) = pair();
+    let request = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    // The outbound request is audited before it is sent.
+    assert_eq!(last_entry(&qhg.node).outcome, "sent");
+    let response =
+        reply(
+            que.node
+                .handle_request(ProtocolId::Locate, &request.bytes, qhg.node.peer_id(), T0),
+        );
+    let LocateAnswer::Answered(answer) = qhg
+        .node
+        .accept_locate_response(&request, &response, T0 + 1)
+        .unwrap()
+    else {
+        panic!("refused")
+    };
+    assert_eq!(answer.custodian, ods("QUE"));
+    // Released: allergies, medications, problems (the hypertension only),
+    // investigations, vaccinations, one document, encounters. Withheld: the
+    // STI condition (sensitive) and the very restricted care plan.
+    let sections: Vec<_> = answer
+        .pointers
+        .iter()
+        .map(|p| format!("{:?}", p.section))
+        .collect();
+    assert_eq!(answer.pointers.len(), 7, "{sections:?}");
+    assert_eq!(
+        answer.withheld,
+        [
+            WithheldReason::SensitiveCategory,
+            WithheldReason::VeryRestricted
+        ]
+    );
+    assert!(answer.pointers.iter().all(|p| p.id.starts_with("QUE-")));
+    assert!(answer.pointers.iter().all(|p| !p.id.contains("9990000018")));
+    let problems = answer
+        .pointers
+        .iter()
+        .find(|p| p.section == careweave_protocol::message::Section::Problems)
+        .unwrap();
+    assert_eq!(problems.count, 1);
+
+    // Both sides audited it.
+    let inbound = last_entry(&que.node);
+    assert_eq!(inbound.outcome, "answered");
+    assert_eq!(inbound.peer_ods, Some(ods("QHG")));
+    assert_eq!(inbound.nhs_number, Some(nhs()));
+    assert_eq!(inbound.request_hash, request.hash.to_vec());
+    assert_eq!(last_entry(&qhg.node).outcome, "answered");
+
+    // Fetch the problems pointer: the custodian-signed record comes back unchanged.
+    let fetch = FetchRequest {
+        nhs_number: nhs(),
+        pointer_id: problems.id.clone(),
+        context: context(Purpose::Treat),
+    };
+    let request = qhg.node.prepare_fetch(&ods("QUE"), &fetch, T0 + 2).unwrap();
+    let response = reply(que.node.handle_request(
+        ProtocolId::Fetch,
+        &request.bytes,
+        qhg.node.peer_id(),
+        T0 + 2,
+    ));
+    let FetchAnswer::Records {
+        records, custodian, ..
+    } = qhg
+        .node
+        .accept_fetch_response(&request, &response, T0 + 3)
+        .unwrap()
+    else {
+        panic!("refused")
+    };
+    assert_eq!(custodian, ods("QUE"));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].label.resource_id, "cond-1");
+    assert_eq!(records[0].label.nhs_number, nhs());
+    let stored = que
+        .node
+        .store
+        .record("Condition", "cond-1")
+        .unwrap()
+        .unwrap();
+    let careweave_protocol::message::Message::FetchResponse(raw) = envelope_payload(&response)
+    else {
+        panic!()
+    };
+    assert_eq!(
+        raw.records[0].as_ref(),
+        stored.signed.as_slice(),
+        "records travel unchanged from ingest"
+    );
+    assert_eq!(last_entry(&que.node).outcome, "answered");
+}
+
+fn envelope_payload(bytes: &[u8]) -> careweave_protocol::message::Message {
+    let s = careweave_protocol::cose::Sign1::decode(bytes, 1 << 22).unwrap();
+    careweave_protocol::message::Message::FetchResponse(
+        cbor::decode(&s.payload, Limits::MESSAGE).unwrap(),
+    )
+}
+
+/// Sends raw bytes from QHG's connection to QUE and returns QUE's refusal
+/// reason as audited, checking the reply is a signed error.
+fn refused_with(que: &Node, qhg_peer: &PeerIdBytes, bytes: &[u8], now: u64) -> (String, ErrorCode) {
+    let before = que.store.audit_len().unwrap();
+    let inbound = que.handle_request(ProtocolId::Locate, bytes, qhg_peer, now);
+    assert_eq!(
+        que.store.audit_len().unwrap(),
+        before + 1,
+        "every refusal is audited"
+    );
+    let entry = last_entry(que);
+    assert_eq!(entry.outcome, "refused");
+    let reason = entry.reason.unwrap();
+    let Inbound::Reply(reply) = inbound else {
+        panic!("a member gets a signed refusal")
+    };
+    let s = careweave_protocol::cose::Sign1::decode(&reply, 1 << 20).unwrap();
+    let err: careweave_protocol::message::ErrorMessage =
+        cbor::decode(&s.payload, Limits::MESSAGE).unwrap();
+    (reason, err.code)
+}
+
+fn seal_as(
+    signer: &careweave_protocol::KeyPair,
+    sender: &str,
+    receiver: &str,
+    now: u64,
+) -> Vec<u8> {
+    let sender_peer = keys(sender).peer_id();
+    let receiver_peer = keys("QUE").peer_id();
+    envelope::seal(
+        &locate_request(Purpose::Treat),
+        &Seal {
+            key: signer,
+            protocol: ProtocolId::Locate,
+            sender_ods: &ods(sender),
+            receiver_ods: &ods(receiver),
+            sender_peer: &sender_peer,
+            receiver_peer: &receiver_peer,
+            trust_seq: 1,
+            now,
+            lifetime_secs: 60,
+            cti: [now as u8; 16],
+            request_hash: None,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn each_bad_request_is_refused_with_its_own_reason_and_audited() {
+    let (qhg, que) = pair();
+    let qhg_peer = qhg.node.peer_id().clone();
+    let good = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap()
+        .bytes;
+
+    // Tampered.
+    let mut tampered = good.clone();
+    let n = tampered.len();
+    tampered[n - 5] ^= 0x10;
+    assert_eq!(
+        refused_with(&que.node, &qhg_peer, &tampered, T0)
+            .0
+            .split(':')
+            .next(),
+        Some("bad-signature")
+    );
+
+    // Replayed: the first copy is answered, the second refused.
+    reply(
+        que.node
+            .handle_request(ProtocolId::Locate, &good, &qhg_peer, T0),
+    );
+    let (reason, code) = refused_with(&que.node, &qhg_peer, &good, T0 + 1);
+    assert!(reason.starts_with("replayed"), "{reason}");
+    assert_eq!(code, ErrorCode::Unauthorised);
+
+    // Wrong audience: addressed to QM7 but delivered to QUE.
+    let bytes = seal_as(&keys("QHG").message, "QHG", "QM7", T0);
+    assert!(
+        refused_with(&que.node, &qhg_peer, &bytes, T0)
+            .0
+            .starts_with("wrong-audience")
+    );
+
+    // Expired and too old.
+    let bytes = seal_as(&keys("QHG").message, "QHG", "QUE", T0 - 100);
+    assert!(
+        refused_with(&que.node, &qhg_peer, &bytes, T0)
+            .0
+            .starts_with("expired")
+    );
+    let bytes = seal_as(&keys("QHG").message, "QHG", "QUE", T0 - 1000);
+    assert!(
+        refused_with(&que.node, &qhg_peer, &bytes, T0)
+            .0
+            .starts_with("too-old")
+    );
+    let bytes = seal_as(&keys("QHG").message, "QHG", "QUE", T0 + 600);
+    let (reason, _) = refused_with(&que.node, &qhg_peer, &bytes, T0);
+    assert!(
+        reason.starts_with("from-future") && reason.contains("clock"),
+        "{reason}"
+    );
+
+    // Unknown kid.
+    let bytes = seal_as(&common::key("stranger"), "QHG", "QUE", T0 + 3);
+    assert!(
+        refused_with(&que.node, &qhg_peer, &bytes, T0)
+            .0
+            .starts_with("unknown-key")
+    );
+
+    // Another member's kid, on QHG's connection.
+    let bytes = seal_as(&keys("QM7").message, "QHG", "QUE", T0 + 4);
+    assert!(
+        refused_with(&que.node, &qhg_peer, &bytes, T0)
+            .0
+            .starts_with("wrong-signer")
+    );
+
+    // Malformed.
+    assert!(
+        refused_with(&que.node, &qhg_peer, b"\xd2\x84garbage", T0)
+            .0
+            .starts_with("malformed")
+    );
+
+    let refused = que.node.metrics.refused();
+    for reason in [
+        "bad-signature",
+        "replayed",
+        "wrong-audience",
+        "expired",
+        "too-old",
+        "from-future",
+        "unknown-key",
+        "wrong-signer",
+        "malformed",
+    ] {
+        assert!(
+            refused.get(reason).copied().unwrap_or(0) >= 1,
+            "{reason} not counted: {refused:?}"
+        );
+    }
+}
+
+#[test]
+fn revoked_keys_are_refused_and_audited() {
+    let (coordinator, _) = network();
+    let both = vec![Role::Provider, Role::Consumer];
+    let list = coordinator.list_bytes(
+        1,
+        None,
+        vec![member("QHG", both.clone()), member("QUE", both)],
+        vec![Revocation {
+            kid: keys("QHG").message.kid(),
+            ods: ods("QHG"),
+            revoked_at: T0 - DAY,
+            reason: "laptop stolen".into(),
+            compromised_since: Some(T0 - 2 * DAY),
+        }],
+    );
+    let que = open("QUE", &coordinator, &list);
+    let bytes = seal_as(&keys("QHG").message, "QHG", "QUE", T0);
+    let (reason, code) = refused_with(&que.node, &keys("QHG").peer_id(), &bytes, T0);
+    assert!(reason.contains("revoked"), "{reason}");
+    assert_eq!(code, ErrorCode::Unauthorised);
+}
+
+#[test]
+fn a_stranger_connection_gets_no_answer_but_is_audited() {
+    let (_, que) = pair();
+    let stranger = common::key("stranger-transport").public_key().peer_id();
+    let bytes = seal_as(&common::key("stranger"), "QHG", "QUE", T0);
+    let before = que.node.store.audit_len().unwrap();
+    assert!(matches!(
+        que.node
+            .handle_request(ProtocolId::Locate, &bytes, &stranger, T0),
+        Inbound::Drop(_)
+    ));
+    assert_eq!(que.node.store.audit_len().unwrap(), before + 1);
+}
+
+#[test]
+fn objection_restriction_and_emergency() {
+    let (qhg, que) = pair();
+    let ask = |purpose, now| {
+        let request = qhg
+            .node
+            .prepare_locate(&ods("QUE"), &locate_request(purpose), now)
+            .unwrap();
+        let response = reply(que.node.handle_request(
+            ProtocolId::Locate,
+            &request.bytes,
+            qhg.node.peer_id(),
+            now,
+        ));
+        match qhg
+            .node
+            .accept_locate_response(&request, &response, now)
+            .unwrap()
+        {
+            LocateAnswer::Answered(a) => a,
+            LocateAnswer::Refused(e) => panic!("refused: {}", e.message),
+        }
+    };
+
+    // Objection: withheld, visibly.
+    que.node
+        .store
+        .set_flags(
+            &nhs(),
+            &PatientFlags {
+                objected: true,
+                objection: Some("asked at GP".into()),
+                ..PatientFlags::default()
+            },
+        )
+        .unwrap();
+    let a = ask(Purpose::Treat, T0);
+    assert!(a.pointers.is_empty());
+    assert_eq!(a.withheld, [WithheldReason::Objection]);
+    assert_eq!(last_entry(&que.node).outcome, "withheld");
+
+    // Emergency access with a reason: allowed only if configured, alert raised.
+    let alerts = que
+        .node
+        .metrics
+        .emergency_alerts
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let a = ask(Purpose::EmergencyTreat, T0 + 1);
+    assert_eq!(
+        a.withheld,
+        [WithheldReason::Objection],
+        "objection holds by default"
+    );
+    assert_eq!(
+        que.node
+            .metrics
+            .emergency_alerts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        alerts + 1
+    );
+    assert!(last_entry(&que.node).emergency);
+
+    // Restricted: exactly like a patient the node has never heard of.
+    que.node
+        .store
+        .set_flags(
+            &nhs(),
+            &PatientFlags {
+                restricted: true,
+                ..PatientFlags::default()
+            },
+        )
+        .unwrap();
+    let restricted = ask(Purpose::Treat, T0 + 2);
+    let unknown_request = LocateRequest {
+        nhs_number: (999_123_456..).find_map(NhsNumber::from_stem).unwrap(),
+        ..locate_request(Purpose::Treat)
+    };
+    let request = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &unknown_request, T0 + 3)
+        .unwrap();
+    let response = reply(que.node.handle_request(
+        ProtocolId::Locate,
+        &request.bytes,
+        qhg.node.peer_id(),
+        T0 + 3,
+    ));
+    let LocateAnswer::Answered(unknown) = qhg
+        .node
+        .accept_locate_response(&request, &response, T0 + 3)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(restricted, unknown);
+}
+
+#[test]
+fn a_consumer_only_node_is_not_asked_and_does_not_answer() {
+    let (coordinator, list) = network();
+    let qhg = open("QHG", &coordinator, &list);
+    let qm7 = open("QM7", &coordinator, &list);
+    let err = qhg
+        .node
+        .prepare_locate(&ods("QM7"), &locate_request(Purpose::Treat), T0)
+        .unwrap_err();
+    assert!(err.to_string().contains("provider"), "{err}");
+    // If asked anyway, it refuses with a reason.
+    let bytes = envelope::seal(
+        &locate_request(Purpose::Treat),
+        &Seal {
+            key: &keys("QHG").message,
+            protocol: ProtocolId::Locate,
+            sender_ods: &ods("QHG"),
+            receiver_ods: &ods("QM7"),
+            sender_peer: &keys("QHG").peer_id(),
+            receiver_peer: &keys("QM7").peer_id(),
+            trust_seq: 1,
+            now: T0,
+            lifetime_secs: 60,
+            cti: [9; 16],
+            request_hash: None,
+        },
+    )
+    .unwrap();
+    let Inbound::Reply(_) =
+        qm7.node
+            .handle_request(ProtocolId::Locate, &bytes, &keys("QHG").peer_id(), T0)
+    else {
+        panic!()
+    };
+    assert!(
+        last_entry(&qm7.node)
+            .reason
+            .unwrap()
+            .starts_with("not-provider")
+    );
+}
+
+#[test]
+fn expired_trust_fails_closed_with_a_reason() {
+    let (qhg, que) = pair();
+    let request = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    let later = T0 + 30 * DAY;
+    let Inbound::Drop(reason) = que.node.handle_request(
+        ProtocolId::Locate,
+        &request.bytes,
+        qhg.node.peer_id(),
+        later,
+    ) else {
+        panic!("an expired list must not answer")
+    };
+    assert!(reason.contains("expired"), "{reason}");
+    assert!(
+        que.node
+            .not_ready_reason(later)
+            .unwrap()
+            .contains("failing closed")
+    );
+    assert!(
+        qhg.node
+            .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), later)
+            .is_err()
+    );
+}
+
+#[test]
+fn responses_must_answer_our_request_and_carry_true_records() {
+    let (qhg, que) = pair();
+    let first = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    let second = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    let response =
+        reply(
+            que.node
+                .handle_request(ProtocolId::Locate, &first.bytes, qhg.node.peer_id(), T0),
+        );
+    // The answer to the first request cannot be passed off as the second's.
+    assert_eq!(
+        qhg.node
+            .accept_locate_response(&second, &response, T0)
+            .unwrap_err(),
+        ResponseError::NotOurRequest
+    );
+    assert_eq!(last_entry(&qhg.node).outcome, "failed");
+    // Nor accepted twice.
+    qhg.node
+        .accept_locate_response(&first, &response, T0)
+        .unwrap();
+    assert!(matches!(
+        qhg.node.accept_locate_response(&first, &response, T0),
+        Err(ResponseError::Verify(
+            careweave_protocol::envelope::VerifyError::Replayed { .. }
+        ))
+    ));
+}
+
+#[test]
+fn fetch_of_an_unknown_pointer_looks_like_an_unknown_patient() {
+    let (qhg, que) = pair();
+    let fetch = FetchRequest {
+        nhs_number: nhs(),
+        pointer_id: "QUE-000000000000000000000000".into(),
+        context: context(Purpose::Treat),
+    };
+    let request = qhg.node.prepare_fetch(&ods("QUE"), &fetch, T0).unwrap();
+    let response =
+        reply(
+            que.node
+                .handle_request(ProtocolId::Fetch, &request.bytes, qhg.node.peer_id(), T0),
+        );
+    let FetchAnswer::Refused(e) = qhg
+        .node
+        .accept_fetch_response(&request, &response, T0)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(e.code, ErrorCode::NotFound);
+}
+
+#[test]
+fn audit_log_verifies_and_names_an_altered_entry() {
+    let (qhg, que) = pair();
+    for i in 0..5 {
+        let request = qhg
+            .node
+            .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0 + i)
+            .unwrap();
+        reply(que.node.handle_request(
+            ProtocolId::Locate,
+            &request.bytes,
+            qhg.node.peer_id(),
+            T0 + i,
+        ));
+    }
+    que.node.audit.checkpoint(T0 + 10).unwrap();
+    let log_key = keys("QUE").log.public_key();
+    let report = audit::verify(&que.node.store, &log_key).unwrap();
+    assert_eq!(report.entries, 5);
+    assert!(report.checkpoints >= 2);
+
+    // Export: each entry with an inclusion proof that verifies.
+    let export = audit::export(&que.node.store, &nhs()).unwrap();
+    assert_eq!(export.entries.len(), 5);
+    let checkpoint = export.checkpoint.as_ref().unwrap();
+    for e in &export.entries {
+        let proof: Vec<[u8; 32]> = e
+            .inclusion_proof
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|h| hex::decode(h).unwrap().try_into().unwrap())
+            .collect();
+        let leaf: [u8; 32] = hex::decode(&e.leaf_hash).unwrap().try_into().unwrap();
+        let root: [u8; 32] = hex::decode(&checkpoint.root).unwrap().try_into().unwrap();
+        careweave_protocol::audit::verify_inclusion(&leaf, e.index, checkpoint.size, &proof, &root)
+            .unwrap();
+    }
+
+    // Alter entry 2.
+    let mut entry: AuditEntry = cbor::decode(
+        &que.node.store.audit_entry(2).unwrap().unwrap(),
+        Limits::MESSAGE,
+    )
+    .unwrap();
+    entry.outcome = "no-records".into();
+    que.node
+        .store
+        .tamper_audit_entry(2, &cbor::encode(&entry).unwrap())
+        .unwrap();
+    let failure = audit::verify(&que.node.store, &log_key).unwrap_err();
+    assert_eq!(failure, audit::VerifyFailure::EntryAltered { index: 2 });
+    assert!(failure.to_string().contains("entry 2"));
+}
