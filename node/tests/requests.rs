@@ -1,6 +1,11 @@
 //! Request handling end to end, without a network: two nodes, real keys,
 //! a signed trust list, real stores and audit logs.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 mod common;
 
