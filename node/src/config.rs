@@ -192,7 +192,7 @@ impl Default for ImportSection {
     fn default() -> Self {
         Self {
             max_resource_bytes: 256 * 1024,
-            max_file_bytes: 1024 * 1024 * 1024,
+            max_file_bytes: 256 * 1024 * 1024,
             batch_records: 1000,
         }
     }

@@ -120,6 +120,7 @@ pub struct Importer<'a> {
 }
 
 /// One parsed input entry.
+#[derive(Clone)]
 enum Item {
     Patient {
         full_url: Option<String>,
@@ -201,37 +202,90 @@ fn classify(resource: Value, full_url: Option<String>) -> Item {
     }
 }
 
+/// Parsed input: a Bundle or single resource held whole, or NDJSON read
+/// one line at a time so a large file never sits in memory as JSON values.
+enum Input<'a> {
+    Whole(InputKind, Vec<Item>),
+    Ndjson(Vec<&'a str>),
+}
+
+impl Input<'_> {
+    fn kind(&self) -> InputKind {
+        match self {
+            Input::Whole(kind, _) => *kind,
+            Input::Ndjson(_) => InputKind::Ndjson,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Input::Whole(_, items) => items.len(),
+            Input::Ndjson(lines) => lines.len(),
+        }
+    }
+
+    /// Entries that may be Patients, with their indexes. NDJSON lines that
+    /// cannot hold a Patient are skipped unparsed.
+    fn patient_candidates(&self) -> Box<dyn Iterator<Item = (usize, Item)> + '_> {
+        match self {
+            Input::Whole(_, items) => Box::new(items.iter().cloned().enumerate()),
+            Input::Ndjson(lines) => Box::new(
+                lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, line)| line.contains("Patient"))
+                    .map(|(i, line)| (i, parse_line(line))),
+            ),
+        }
+    }
+
+    /// The entries in order; NDJSON lines are parsed as they are reached.
+    fn items(&self) -> Box<dyn Iterator<Item = Item> + '_> {
+        match self {
+            Input::Whole(_, items) => Box::new(items.iter().map(Item::clone)),
+            Input::Ndjson(lines) => Box::new(lines.iter().map(|line| parse_line(line))),
+        }
+    }
+}
+
+fn parse_line(line: &str) -> Item {
+    if line.trim().is_empty() {
+        return Item::Bad(ResourceError::InvalidJson("empty line".into()));
+    }
+    match serde_json::from_str::<Value>(line) {
+        Ok(value) => classify(value, None),
+        Err(e) => Item::Bad(ResourceError::InvalidJson(e.to_string())),
+    }
+}
+
 /// Splits input bytes into entries: a Bundle, a single resource, or NDJSON.
-fn split_input(bytes: &[u8]) -> Result<(InputKind, Vec<Item>), String> {
+fn split_input(bytes: &[u8]) -> Result<Input<'_>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "input is not UTF-8 text".to_owned())?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    // NDJSON: more than one line, and the first line is a whole JSON value.
+    if lines.len() > 1
+        && lines
+            .first()
+            .is_some_and(|l| serde_json::from_str::<serde::de::IgnoredAny>(l).is_ok())
+    {
+        return Ok(Input::Ndjson(lines));
+    }
     match serde_json::from_slice::<Value>(bytes) {
         Ok(value) => {
             if value.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
-                split_bundle(&value)
+                let (kind, items) = split_bundle(&value)?;
+                Ok(Input::Whole(kind, items))
             } else {
-                Ok((InputKind::Resource, vec![classify(value, None)]))
+                Ok(Input::Whole(
+                    InputKind::Resource,
+                    vec![classify(value, None)],
+                ))
             }
         }
-        Err(whole_error) => {
-            let text =
-                std::str::from_utf8(bytes).map_err(|_| "input is not UTF-8 text".to_owned())?;
-            let lines: Vec<&str> = text.lines().collect();
-            if lines.iter().filter(|l| !l.trim().is_empty()).count() < 2 {
-                return Err(format!("invalid JSON: {whole_error}"));
-            }
-            let items = lines
-                .iter()
-                .map(|line| {
-                    if line.trim().is_empty() {
-                        return Item::Bad(ResourceError::InvalidJson("empty line".into()));
-                    }
-                    match serde_json::from_str::<Value>(line) {
-                        Ok(value) => classify(value, None),
-                        Err(e) => Item::Bad(ResourceError::InvalidJson(e.to_string())),
-                    }
-                })
-                .collect();
-            Ok((InputKind::Ndjson, items))
-        }
+        Err(e) => Err(format!("invalid JSON: {e}")),
     }
 }
 
@@ -261,11 +315,11 @@ impl Importer<'_> {
                 max: self.config.import.max_file_bytes,
             });
         }
-        let (kind, items) = split_input(bytes).map_err(|message| ImportError::Unreadable {
+        let input = split_input(bytes).map_err(|message| ImportError::Unreadable {
             source_name: source_name.to_owned(),
             message,
         })?;
-        self.import_items(source_name, kind, items, progress)
+        self.import_input(source_name, &input, progress)
     }
 
     /// Imports an already-parsed Bundle (the API's `POST /fhir`).
@@ -278,33 +332,26 @@ impl Importer<'_> {
             source_name: source_name.to_owned(),
             message,
         })?;
-        self.import_items(source_name, kind, items, &mut |_, _| {})
+        self.import_input(source_name, &Input::Whole(kind, items), &mut |_, _| {})
     }
 
-    fn import_items(
+    fn import_input(
         &self,
         source_name: &str,
-        kind: InputKind,
-        items: Vec<Item>,
+        input: &Input<'_>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(ImportReport, Vec<EntryOutcome>, InputKind), ImportError> {
-        let total = items.len();
-        // Pass 1: Patients, so references can resolve whatever the order.
-        let mut patients: HashMap<String, NhsNumber> = HashMap::new();
+        let kind = input.kind();
+        let total = input.len();
         let mut outcomes: Vec<Option<EntryOutcome>> = vec![None; total];
-        for (i, item) in items.iter().enumerate() {
+        // Pass 1: Patients, so references resolve whatever the order.
+        let mut patients: HashMap<String, NhsNumber> = HashMap::new();
+        for (i, item) in input.patient_candidates() {
             if let Item::Patient { full_url, resource } = item {
-                let result = fhir::resource_header(resource).and_then(|(_, id)| {
-                    let object = resource
-                        .as_object()
-                        .ok_or(ResourceError::NotFhir("not an object".into()))?;
-                    let nhs = self.check_nhs(fhir::patient_nhs_number(object)?)?;
-                    Ok((id, nhs))
-                });
-                match result {
+                match self.read_patient(&resource) {
                     Ok((id, nhs)) => {
                         if let Some(url) = full_url {
-                            patients.insert(url.clone(), nhs);
+                            patients.insert(url, nhs);
                         }
                         if let Some(id) = id {
                             patients.insert(format!("Patient/{id}"), nhs);
@@ -321,99 +368,42 @@ impl Importer<'_> {
                 }
             }
         }
-        // Pass 2: records and deletions, prepared without writing.
+        // Pass 2: prepare and write. A transaction is prepared whole and
+        // written in one atomic batch, or not at all; anything else is
+        // written in batches, each flushed before it counts.
+        let batch_size = if kind == InputKind::Transaction {
+            usize::MAX
+        } else {
+            self.config.import.batch_records
+        };
         let mut versions: HashMap<String, String> = HashMap::new();
-        let mut prepared: Vec<(usize, RecordWrite)> = Vec::new();
-        for (i, item) in items.into_iter().enumerate() {
-            match item {
-                Item::Patient { .. } => {}
-                Item::Bad(e) => set(
-                    &mut outcomes,
-                    i,
-                    EntryOutcome::Rejected {
-                        reason: e.to_string(),
-                    },
-                ),
-                Item::Delete { url } => match url.split_once('/') {
-                    Some((t, id)) if fhir::section_for(t).is_some() && fhir::is_fhir_id(id) => {
-                        prepared.push((
-                            i,
-                            RecordWrite::Remove {
-                                resource_type: t.to_owned(),
-                                id: id.to_owned(),
-                            },
-                        ));
-                    }
-                    _ => set(
-                        &mut outcomes,
-                        i,
-                        EntryOutcome::Rejected {
-                            reason: format!(
-                                "DELETE url {url:?} is not ResourceType/id of a shared record"
-                            ),
-                        },
-                    ),
-                },
-                Item::Resource { full_url, resource } => {
-                    match self.prepare(resource, full_url.as_deref(), &patients, &mut versions) {
-                        Ok(record) => prepared.push((i, RecordWrite::Put(record))),
-                        Err(e) => set(
-                            &mut outcomes,
-                            i,
-                            EntryOutcome::Rejected {
-                                reason: e.to_string(),
-                            },
-                        ),
-                    }
-                }
+        let mut batch: Vec<(usize, RecordWrite)> = Vec::new();
+        let mut report = ImportReport::default();
+        for (i, item) in input.items().enumerate() {
+            match self.prepare_item(item, &patients, &mut versions) {
+                Ok(Some(write)) => batch.push((i, write)),
+                Ok(None) => {}
+                Err(reason) => set(&mut outcomes, i, EntryOutcome::Rejected { reason }),
+            }
+            if batch.len() >= batch_size {
+                self.write_batch(&batch, &mut outcomes)?;
+                progress(i + 1, total);
+                batch.clear();
             }
         }
-        let mut report = ImportReport::default();
         let any_rejected = outcomes
             .iter()
             .any(|o| matches!(o, Some(EntryOutcome::Rejected { .. })));
         if kind == InputKind::Transaction && any_rejected {
             // All or nothing: store nothing, say which entries failed.
             report.transaction_aborted = true;
-            for (i, _) in &prepared {
+            for (i, _) in &batch {
                 set(&mut outcomes, *i, EntryOutcome::NotApplied);
             }
-            prepared.clear();
+        } else if !batch.is_empty() {
+            self.write_batch(&batch, &mut outcomes)?;
         }
-        // Pass 3: write. A transaction goes in one atomic batch; others in
-        // batches of the configured size, each flushed before it counts.
-        let batch_size = if kind == InputKind::Transaction {
-            prepared.len().max(1)
-        } else {
-            self.config.import.batch_records
-        };
-        let mut done = 0;
-        for chunk in prepared.chunks(batch_size) {
-            let writes: Vec<RecordWrite> = chunk.iter().map(|(_, w)| w.clone()).collect();
-            let results = self.store.write_records(&writes)?;
-            for ((i, write), result) in chunk.iter().zip(results) {
-                let key = match write {
-                    RecordWrite::Put(r) => r.key(),
-                    RecordWrite::Remove { resource_type, id } => record_key(resource_type, id),
-                };
-                let version = match write {
-                    RecordWrite::Put(r) => r.version.clone(),
-                    RecordWrite::Remove { .. } => String::new(),
-                };
-                set(
-                    &mut outcomes,
-                    *i,
-                    match result {
-                        WriteOutcome::Stored => EntryOutcome::Stored { key, version },
-                        WriteOutcome::Replaced => EntryOutcome::Replaced { key, version },
-                        WriteOutcome::Removed => EntryOutcome::Removed { key },
-                        WriteOutcome::NotFound => EntryOutcome::NotFound { key },
-                    },
-                );
-            }
-            done += chunk.len();
-            progress(done, total);
-        }
+        progress(total, total);
         let outcomes: Vec<EntryOutcome> = outcomes
             .into_iter()
             .map(|o| o.unwrap_or(EntryOutcome::NotApplied))
@@ -433,8 +423,72 @@ impl Importer<'_> {
                 EntryOutcome::NotApplied => {}
             }
         }
-        progress(total, total);
         Ok((report, outcomes, kind))
+    }
+
+    fn read_patient(&self, resource: &Value) -> Result<(Option<String>, NhsNumber), ResourceError> {
+        let (_, id) = fhir::resource_header(resource)?;
+        let object = resource
+            .as_object()
+            .ok_or_else(|| ResourceError::NotFhir("not an object".into()))?;
+        let nhs = self.check_nhs(fhir::patient_nhs_number(object)?)?;
+        Ok((id, nhs))
+    }
+
+    /// Turns one entry into a write, `None` for Patients (already handled).
+    fn prepare_item(
+        &self,
+        item: Item,
+        patients: &HashMap<String, NhsNumber>,
+        versions: &mut HashMap<String, String>,
+    ) -> Result<Option<RecordWrite>, String> {
+        match item {
+            Item::Patient { .. } => Ok(None),
+            Item::Bad(e) => Err(e.to_string()),
+            Item::Delete { url } => match url.split_once('/') {
+                Some((t, id)) if fhir::section_for(t).is_some() && fhir::is_fhir_id(id) => {
+                    Ok(Some(RecordWrite::Remove {
+                        resource_type: t.to_owned(),
+                        id: id.to_owned(),
+                    }))
+                }
+                _ => Err(format!(
+                    "DELETE url {url:?} is not ResourceType/id of a shared record"
+                )),
+            },
+            Item::Resource { full_url, resource } => self
+                .prepare(resource, full_url.as_deref(), patients, versions)
+                .map(|r| Some(RecordWrite::Put(r)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn write_batch(
+        &self,
+        batch: &[(usize, RecordWrite)],
+        outcomes: &mut [Option<EntryOutcome>],
+    ) -> Result<(), ImportError> {
+        let writes: Vec<RecordWrite> = batch.iter().map(|(_, w)| w.clone()).collect();
+        let results = self.store.write_records(&writes)?;
+        for ((i, write), result) in batch.iter().zip(results) {
+            let (key, version) = match write {
+                RecordWrite::Put(r) => (r.key(), r.version.clone()),
+                RecordWrite::Remove { resource_type, id } => {
+                    (record_key(resource_type, id), String::new())
+                }
+            };
+            set(
+                outcomes,
+                *i,
+                match result {
+                    WriteOutcome::Stored => EntryOutcome::Stored { key, version },
+                    WriteOutcome::Replaced => EntryOutcome::Replaced { key, version },
+                    WriteOutcome::Removed => EntryOutcome::Removed { key },
+                    WriteOutcome::NotFound => EntryOutcome::NotFound { key },
+                },
+            );
+        }
+        Ok(())
     }
 
     fn check_nhs(&self, nhs: NhsNumber) -> Result<NhsNumber, ResourceError> {

@@ -336,6 +336,50 @@ impl Store {
         Ok(count)
     }
 
+    /// Checks that records and the patient index agree and every record
+    /// decodes: what a crash must never break. Returns the record count.
+    pub fn check_consistency(&self) -> Result<usize, StoreError> {
+        let mut records = 0;
+        for item in self.records.iter() {
+            let (key, bytes) = item?;
+            let record: StoredRecord = decode(&bytes)?;
+            if record.key().as_bytes() != key.as_ref() {
+                return Err(corrupt(format!(
+                    "record stored under the wrong key {}",
+                    String::from_utf8_lossy(&key)
+                )));
+            }
+            if !self
+                .patient_index
+                .contains_key(patient_key(&record.nhs_number, &record.key()))?
+            {
+                return Err(corrupt(format!(
+                    "record {} has no index entry",
+                    record.key()
+                )));
+            }
+            records += 1;
+        }
+        let mut indexed = 0;
+        for item in self.patient_index.iter() {
+            let (key, _) = item?;
+            let record_key = key.get(11..).ok_or_else(|| corrupt("index key"))?;
+            if !self.records.contains_key(record_key)? {
+                return Err(corrupt(format!(
+                    "index names missing record {}",
+                    String::from_utf8_lossy(record_key)
+                )));
+            }
+            indexed += 1;
+        }
+        if indexed != records {
+            return Err(corrupt(format!(
+                "{records} records but {indexed} index entries"
+            )));
+        }
+        Ok(records)
+    }
+
     // Patient flags.
 
     /// A patient's flags (default: none).
