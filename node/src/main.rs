@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Operate an ICB's careweave node: keys, records, patients and audit.
 #[derive(Debug, Parser)]
-#[command(name = "careweave-node", version, about, long_about = None)]
+#[command(name = "careweave-node", version)]
 struct Cli {
     /// The node's configuration file.
     #[arg(
@@ -137,10 +137,27 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, each once: library errors already include
+/// their cause in their message, so a cause the message ends with is skipped.
+fn report(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if out.ends_with(&message) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&message);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -324,7 +341,7 @@ fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
 }
 
 fn flag(loaded: &LoadedConfig, args: FlagArgs) -> Result<ExitCode> {
-    let nhs = NhsNumber::parse(&args.nhs_number).context("NHS number")?;
+    let nhs = NhsNumber::parse(&args.nhs_number)?;
     if loaded.config.node.testnet && !nhs.is_test_range() {
         bail!("this is a testnet node: NHS numbers must be in 999 000 0000 - 999 999 9999");
     }
@@ -375,7 +392,7 @@ fn audit_verify(loaded: &LoadedConfig) -> Result<ExitCode> {
 }
 
 fn audit_export(loaded: &LoadedConfig, nhs_number: &str) -> Result<ExitCode> {
-    let nhs = NhsNumber::parse(nhs_number).context("--nhs-number")?;
+    let nhs = NhsNumber::parse(nhs_number)?;
     let store = Store::open(
         &loaded.store_dir(),
         loaded.config.store.cache_mb * 1024 * 1024,
