@@ -89,6 +89,20 @@ pub struct NetworkSection {
     pub max_frame_bytes: usize,
     /// How long a signed message we send stays valid, in seconds (≤ 300).
     pub message_life_secs: u64,
+    /// Each outbound request's deadline, in milliseconds.
+    pub request_deadline_ms: u64,
+    /// Inbound requests being handled at once, in total and per peer.
+    pub max_inflight_total: usize,
+    pub max_inflight_per_peer: usize,
+    /// Per-peer token bucket: sustained requests per second, and burst.
+    pub peer_rate_per_sec: u32,
+    pub peer_burst: u32,
+    /// Seconds an idle connection stays open (libp2p's default is 10).
+    pub idle_timeout_secs: u64,
+    /// mDNS discovery; allowed only on testnet nodes, off by default.
+    pub mdns: bool,
+    /// The local control socket `careweave-node locate` and `fetch` use.
+    pub control_socket: PathBuf,
 }
 
 impl Default for NetworkSection {
@@ -100,6 +114,14 @@ impl Default for NetworkSection {
             ],
             max_frame_bytes: 4 * 1024 * 1024,
             message_life_secs: 60,
+            request_deadline_ms: 2000,
+            max_inflight_total: 256,
+            max_inflight_per_peer: 32,
+            peer_rate_per_sec: 200,
+            peer_burst: 400,
+            idle_timeout_secs: 3600,
+            mdns: false,
+            control_socket: PathBuf::from("control.sock"),
         }
     }
 }
@@ -325,6 +347,24 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
     if config.network.max_frame_bytes < 1024 || config.network.max_frame_bytes > 16 * 1024 * 1024 {
         return Err("network.max_frame_bytes must be between 1 KiB and 16 MiB".into());
     }
+    if config.network.mdns && !config.node.testnet {
+        return Err("network.mdns is allowed only on testnet nodes (node.testnet = true)".into());
+    }
+    let n = &config.network;
+    if n.request_deadline_ms < 10 || n.request_deadline_ms > 60_000 {
+        return Err("network.request_deadline_ms must be between 10 and 60000".into());
+    }
+    if n.max_inflight_total == 0
+        || n.max_inflight_per_peer == 0
+        || n.max_inflight_per_peer > n.max_inflight_total
+    {
+        return Err(
+            "network.max_inflight_per_peer must be between 1 and network.max_inflight_total".into(),
+        );
+    }
+    if n.peer_rate_per_sec == 0 || n.peer_burst == 0 {
+        return Err("network.peer_rate_per_sec and network.peer_burst must be at least 1".into());
+    }
     if config.audit.checkpoint_every_entries == 0 {
         return Err("audit.checkpoint_every_entries must be at least 1".into());
     }
@@ -377,6 +417,20 @@ listen = ["/ip4/0.0.0.0/tcp/7000", "/ip4/0.0.0.0/udp/7000/quic-v1"]
 max_frame_bytes = 4194304
 # How long messages this node signs stay valid (at most 300 seconds).
 message_life_secs = 60
+# Deadline for each request this node sends to another ICB.
+request_deadline_ms = 2000
+# Inbound requests handled at once, in total and per peer; past these, and
+# past a peer's rate, the peer gets a signed "busy" answer.
+max_inflight_total = 256
+max_inflight_per_peer = 32
+peer_rate_per_sec = 200
+peer_burst = 400
+# Connections to other ICBs are kept open; idle ones close after this.
+idle_timeout_secs = 3600
+# mDNS discovery, for testnets only.
+mdns = false
+# Local socket for `careweave-node locate` and `fetch` (mode 0600).
+control_socket = "control.sock"
 
 [policy]
 # Whether emergency access (ETREAT, with a reason) overrides a patient's

@@ -8,9 +8,11 @@
 
 pub mod audit;
 pub mod config;
+pub mod daemon;
 pub mod fhir;
 pub mod import;
 pub mod keys;
+pub mod net;
 pub mod node;
 pub mod opening;
 pub mod pointers;

@@ -9,11 +9,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use careweave_node::config::{self, LoadedConfig, LogFormat};
+use careweave_node::daemon::{self, ControlRequest, ControlResponse};
 use careweave_node::import::Importer;
 use careweave_node::keys::NodeKeys;
 use careweave_node::node::Node;
 use careweave_node::store::{PatientFlags, Store};
 use careweave_node::{audit, opening};
+use careweave_protocol::message::{Purpose, RequesterContext};
 use careweave_protocol::{NhsNumber, OdsCode};
 use clap::{Args, Parser, Subcommand};
 
@@ -47,6 +49,15 @@ enum Command {
     /// Check and export the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Run the node: join the network, answer other ICBs, serve the local
+    /// control socket, and watch the trust-list file.
+    Run,
+    /// Ask every ICB on the network which holds records for a patient
+    /// (through the running node).
+    Locate(LocateArgs),
+    /// Fetch the records behind a pointer from its custodian (through the
+    /// running node); every record's custodian signature is checked.
+    Fetch(FetchArgs),
     /// Show the node's identity, store, audit log and trust state.
     Status {
         /// Print JSON for scripts.
@@ -72,6 +83,52 @@ struct InitArgs {
     /// Mark the node as a testnet node (NHS numbers only from the test range).
     #[arg(long)]
     testnet: bool,
+}
+
+#[derive(Debug, Args)]
+struct RequesterArgs {
+    /// The requesting user's SDS user id.
+    #[arg(long)]
+    user: String,
+    /// The user's SDS role profile id.
+    #[arg(long)]
+    role_profile: String,
+    /// The user's role code (for example R8000).
+    #[arg(long)]
+    role_code: String,
+    /// Purpose of use: TREAT, or ETREAT for emergency access (needs --reason).
+    #[arg(long, default_value = "TREAT", value_parser = ["TREAT", "ETREAT"])]
+    purpose: String,
+    /// Break-glass reason, required with --purpose ETREAT.
+    #[arg(long)]
+    reason: Option<String>,
+    /// The basis of the legitimate relationship with the patient.
+    #[arg(long, default_value = "direct-care")]
+    relationship: String,
+    /// The end user's organisation ODS code (default: this node's).
+    #[arg(long)]
+    organisation: Option<String>,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct LocateArgs {
+    /// The patient's NHS number.
+    nhs_number: String,
+    #[command(flatten)]
+    requester: RequesterArgs,
+}
+
+#[derive(Debug, Args)]
+struct FetchArgs {
+    /// The patient's NHS number.
+    nhs_number: String,
+    /// The pointer id from a locate (`<custodian ODS>-<id>`).
+    pointer: String,
+    #[command(flatten)]
+    requester: RequesterArgs,
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +240,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Audit(AuditCommand::Export { nhs_number }) => {
             let loaded = load_config(&cli.config)?;
             audit_export(&loaded, &nhs_number)
+        }
+        Command::Run => {
+            let loaded = load_config(&cli.config)?;
+            run_node(loaded)
+        }
+        Command::Locate(args) => {
+            let loaded = load_config(&cli.config)?;
+            locate(&loaded, args)
+        }
+        Command::Fetch(args) => {
+            let loaded = load_config(&cli.config)?;
+            fetch(&loaded, args)
         }
         Command::Status { json } => {
             let loaded = load_config(&cli.config)?;
@@ -448,4 +517,199 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run_node(loaded: LoadedConfig) -> Result<ExitCode> {
+    // Two rustls providers in the tree make rustls panic unless one is chosen.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let net_config = daemon::net_config(&loaded.config).map_err(anyhow::Error::msg)?;
+    let node = std::sync::Arc::new(open_node(&loaded)?);
+    if let Some(reason) = node.not_ready_reason(now()) {
+        tracing::warn!(%reason, "starting, but not ready to answer");
+    }
+    let control_path = loaded.resolve(&loaded.config.network.control_socket);
+    runtime()?.block_on(async move {
+        let handle = daemon::start_network(std::sync::Arc::clone(&node), net_config)?;
+        tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
+        let control = tokio::spawn(daemon::serve_control(
+            control_path.clone(),
+            handle.clone(),
+            std::sync::Arc::clone(&node),
+        ));
+        tokio::spawn(daemon::watch_trust_file(
+            loaded.clone(),
+            handle.clone(),
+            std::sync::Arc::clone(&node),
+        ));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+            _ = term.recv() => tracing::info!("terminated; stopping"),
+            result = control => {
+                if let Ok(Err(e)) = result {
+                    anyhow::bail!("control socket {}: {e}", control_path.display());
+                }
+            }
+        }
+        let _ = node.audit.checkpoint(now());
+        let _ = std::fs::remove_file(&control_path);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn context(loaded: &LoadedConfig, args: &RequesterArgs) -> Result<RequesterContext> {
+    let mut id = [0u8; 16];
+    getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    let h = hex::encode(id);
+    let request_id = format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    );
+    let organisation = match &args.organisation {
+        Some(o) => OdsCode::parse(o).context("--organisation")?,
+        None => loaded.config.node.ods.clone(),
+    };
+    let context = RequesterContext {
+        organisation,
+        user_id: args.user.clone(),
+        role_profile_id: args.role_profile.clone(),
+        role_code: args.role_code.clone(),
+        purpose: if args.purpose == "ETREAT" {
+            Purpose::EmergencyTreat
+        } else {
+            Purpose::Treat
+        },
+        relationship: args.relationship.clone(),
+        break_glass_reason: args.reason.clone(),
+        request_id,
+        correlation_id: None,
+    };
+    context.validate()?;
+    Ok(context)
+}
+
+fn ask(loaded: &LoadedConfig, request: &ControlRequest) -> Result<ControlResponse> {
+    let path = loaded.resolve(&loaded.config.network.control_socket);
+    runtime()?
+        .block_on(daemon::control(&path, request))
+        .with_context(|| {
+            format!(
+                "cannot reach the running node at {} (is `careweave-node run` running?)",
+                path.display()
+            )
+        })
+}
+
+fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
+    let nhs_number = NhsNumber::parse(&args.nhs_number)?;
+    let request = ControlRequest::Locate {
+        nhs_number,
+        context: context(loaded, &args.requester)?,
+    };
+    let response = ask(loaded, &request)?;
+    if args.requester.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match response {
+        ControlResponse::Located { icbs } => {
+            println!("Records for NHS number {nhs_number}:");
+            for icb in icbs {
+                let detail = match icb.outcome.as_str() {
+                    "pointers" => format!("{} pointer(s)", icb.pointers.len()),
+                    "withheld" => format!("records withheld: {}", withheld_text(&icb.withheld)),
+                    "no-records" => "no records".to_owned(),
+                    "timed-out" => "did not answer in time".to_owned(),
+                    other => format!("{other}: {}", icb.detail.clone().unwrap_or_default()),
+                };
+                println!("  {:<6} {:<50} {}", icb.ods, icb.name, detail);
+                for p in &icb.pointers {
+                    println!(
+                        "         {}  {:<16} {} record(s){}",
+                        p.id,
+                        careweave_node::fhir::section_name(p.section).0,
+                        p.count,
+                        match (&p.date_from, &p.date_to) {
+                            (Some(a), Some(b)) => format!(", {a} to {b}"),
+                            _ => String::new(),
+                        }
+                    );
+                }
+                if icb.outcome == "pointers" && !icb.withheld.is_empty() {
+                    println!(
+                        "         some records withheld: {}",
+                        withheld_text(&icb.withheld)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the node: {other:?}"),
+    }
+}
+
+fn withheld_text(reasons: &[careweave_protocol::message::WithheldReason]) -> String {
+    use careweave_protocol::message::WithheldReason::*;
+    reasons
+        .iter()
+        .map(|r| match r {
+            Objection => "the patient objected to sharing",
+            SensitiveCategory => "legally sensitive category",
+            VeryRestricted => "labelled very restricted",
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
+    let nhs_number = NhsNumber::parse(&args.nhs_number)?;
+    let request = ControlRequest::Fetch {
+        nhs_number,
+        pointer_id: args.pointer.clone(),
+        context: context(loaded, &args.requester)?,
+    };
+    match ask(loaded, &request)? {
+        ControlResponse::Fetched {
+            custodian,
+            withheld,
+            records,
+        } => {
+            if args.requester.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "custodian": custodian, "withheld": withheld, "records": records
+                    }))?
+                );
+            } else {
+                println!(
+                    "{} record(s) from {custodian}, each custodian signature checked:",
+                    records.len()
+                );
+                for r in &records {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                if !withheld.is_empty() {
+                    println!("withheld: {}", withheld_text(&withheld));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ControlResponse::Error { message } => bail!("{message}"),
+        other => bail!("unexpected answer from the node: {other:?}"),
+    }
 }

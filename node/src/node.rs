@@ -134,8 +134,10 @@ pub struct OutboundRequest {
     pub hash: [u8; 32],
     pub peer_ods: OdsCode,
     pub peer_id: PeerIdBytes,
-    pub nhs_number: NhsNumber,
-    pub context: RequesterContext,
+    /// The patient asked about (none for trust pulls).
+    pub nhs_number: Option<NhsNumber>,
+    /// Who asked and why (none for trust pulls).
+    pub context: Option<RequesterContext>,
 }
 
 /// A peer's answer to a locate.
@@ -991,6 +993,140 @@ impl Node {
         )
     }
 
+    /// Answers a request this node has no capacity for with a signed
+    /// "busy" error (never a silent drop), counted and audited.
+    pub fn refuse_busy(
+        &self,
+        protocol: ProtocolId,
+        bytes: &[u8],
+        remote: &PeerIdBytes,
+        retry_after_ms: u64,
+        now: u64,
+    ) -> Inbound {
+        let request_hash = envelope::message_hash(bytes);
+        let Some(list) = self.current_list(now) else {
+            return Inbound::Drop("no current trust list".to_owned());
+        };
+        let peer = list.member_by_peer(remote).cloned();
+        self.metrics.refuse("busy");
+        if self
+            .audit_refusal(
+                protocol,
+                peer.as_ref(),
+                remote,
+                None,
+                request_hash,
+                "busy",
+                "over the rate or in-flight limit",
+                now,
+            )
+            .is_err()
+        {
+            return Inbound::Drop("audit unavailable".to_owned());
+        }
+        let Some(peer) = peer else {
+            return Inbound::Drop("busy, and the peer is not on the list".to_owned());
+        };
+        self.reply(
+            protocol,
+            &list,
+            &peer,
+            remote,
+            request_hash,
+            &ErrorMessage {
+                code: ErrorCode::Busy,
+                message: "this node is busy: over your request rate or its capacity; retry later"
+                    .to_owned(),
+                retry_after_ms: Some(retry_after_ms),
+            },
+            now,
+        )
+    }
+
+    /// Signs a trust pull for a peer: "send me anything newer than what I hold".
+    pub fn prepare_trust_pull(
+        &self,
+        peer_ods: &OdsCode,
+        now: u64,
+    ) -> Result<OutboundRequest, RequestError> {
+        let state = self.trust().ok_or(RequestError::NoTrust)?;
+        let list = state.list.clone().ok_or(RequestError::NoTrust)?;
+        let peer = list
+            .member_by_ods(peer_ods)
+            .ok_or_else(|| RequestError::UnknownPeer(peer_ods.to_string()))?;
+        let peer_id = peer
+            .peers
+            .first()
+            .map(|p| p.peer_id.clone())
+            .ok_or_else(|| RequestError::NoPeerId(peer_ods.to_string()))?;
+        let request = TrustRequest {
+            root_version: state.root.root().version,
+            list_seq: list.list().seq,
+        };
+        let cti = random_cti().map_err(|e| RequestError::Invalid(e.to_string()))?;
+        let bytes = envelope::seal(
+            &request,
+            &Seal {
+                key: &self.keys.message,
+                protocol: ProtocolId::Trust,
+                sender_ods: &self.ods,
+                receiver_ods: peer_ods,
+                sender_peer: &self.peer_id,
+                receiver_peer: &peer_id,
+                trust_seq: list.list().seq,
+                now,
+                lifetime_secs: self.config.network.message_life_secs,
+                cti,
+                request_hash: None,
+            },
+        )
+        .map_err(|e| RequestError::Invalid(e.to_string()))?;
+        Ok(OutboundRequest {
+            protocol: ProtocolId::Trust,
+            hash: envelope::message_hash(&bytes),
+            bytes,
+            peer_ods: peer_ods.clone(),
+            peer_id,
+            nhs_number: None,
+            context: None,
+        })
+    }
+
+    /// Installs whatever newer roots and list a trust pull brought. Returns
+    /// the list seq held afterwards if it changed.
+    pub fn accept_trust_response(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<Option<u64>, ResponseError> {
+        let (_, opened) = self.open_response(request, bytes, now)?;
+        let response = match opened.message {
+            Message::TrustResponse(r) => r,
+            Message::Error(_) => return Ok(None),
+            other => return Err(ResponseError::WrongKind(other.kind())),
+        };
+        for root in &response.roots {
+            if let Err(e) = self.install_root(root, now) {
+                tracing::warn!(error = %e, peer = %request.peer_ods, "a pulled trust root was refused");
+                return Ok(None);
+            }
+        }
+        match response.list {
+            None => Ok(None),
+            Some(list) => match self.install_list(&list, now) {
+                Ok(seq) => Ok(Some(seq)),
+                Err(NodeError::Trust(
+                    TrustError::AlreadyHeld { .. } | TrustError::NotNewer { .. },
+                )) => Ok(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, peer = %request.peer_ods, "a pulled trust list was refused");
+                    Ok(None)
+                }
+            },
+        }
+    }
+
     // Outbound.
 
     /// Signs a locate request for `peer_ods` and audits it before it is sent.
@@ -1088,8 +1224,8 @@ impl Node {
             hash,
             peer_ods: peer_ods.clone(),
             peer_id,
-            nhs_number,
-            context: context.clone(),
+            nhs_number: Some(nhs_number),
+            context: Some(context.clone()),
         })
     }
 
@@ -1145,14 +1281,17 @@ impl Node {
             protocol: protocol_name(request.protocol).to_owned(),
             peer_ods: Some(request.peer_ods.clone()),
             peer_id: request.peer_id.to_base58(),
-            context: Some(request.context.clone()),
-            nhs_number: Some(request.nhs_number),
+            context: request.context.clone(),
+            nhs_number: request.nhs_number,
             outcome: outcome.to_owned(),
             reason,
             released,
             withheld,
             request_hash: request.hash.to_vec(),
-            emergency: request.context.break_glass_reason.is_some(),
+            emergency: request
+                .context
+                .as_ref()
+                .is_some_and(|c| c.break_glass_reason.is_some()),
         })
         .map(|_| ())
         .map_err(|e| ResponseError::Audit(e.to_string()))
@@ -1306,7 +1445,7 @@ impl Node {
                     ),
                 });
             }
-            if verified.label.nhs_number != request.nhs_number {
+            if Some(verified.label.nhs_number) != request.nhs_number {
                 return Err(ResponseError::OtherPatient { index });
             }
             records.push(verified);

@@ -32,24 +32,28 @@ pub fn keys(ods: &str) -> NodeKeys {
 }
 
 pub fn member(ods: &str, roles: Vec<Role>) -> Member {
+    member_at(ods, roles, "/ip4/127.0.0.1/tcp/7000")
+}
+
+pub fn member_at(ods: &str, roles: Vec<Role>, addr: &str) -> Member {
     let k = keys(ods);
     let mk = |pair: &KeyPair, key_use| MemberKey {
         kid: pair.kid(),
         key_use,
         public: pair.public_key(),
-        valid_from: T0 - 30 * DAY,
-        valid_until: T0 + 365 * DAY,
+        valid_from: T0 - 400 * DAY,
+        valid_until: T0 + 400 * DAY,
     };
     Member {
         ods: OdsCode::parse(ods).unwrap(),
         name: format!("NHS {ods} ICB"),
         status: MemberStatus::Active,
         roles,
-        valid_from: T0 - 30 * DAY,
-        valid_until: T0 + 365 * DAY,
+        valid_from: T0 - 400 * DAY,
+        valid_until: T0 + 400 * DAY,
         peers: vec![PeerEntry {
             peer_id: k.peer_id(),
-            addrs: vec!["/ip4/127.0.0.1/tcp/7000".into()],
+            addrs: vec![addr.into()],
         }],
         keys: vec![
             mk(&k.transport, KeyUse::Transport),
@@ -66,6 +70,8 @@ pub struct Coordinator {
     pub root_key: KeyPair,
     pub list_key: KeyPair,
     pub root: Root,
+    /// The moment lists are issued around (T0 unless set).
+    pub at: Option<u64>,
 }
 
 impl Coordinator {
@@ -87,6 +93,7 @@ impl Coordinator {
             root_key,
             list_key,
             root,
+            at: None,
         }
     }
 
@@ -107,8 +114,8 @@ impl Coordinator {
             network: self.root.network.clone(),
             seq,
             root_version: 1,
-            issued: T0 - DAY,
-            expires: T0 + 6 * DAY,
+            issued: self.at.unwrap_or(T0) - DAY,
+            expires: self.at.unwrap_or(T0) + 6 * DAY,
             prev,
             members,
             revoked,

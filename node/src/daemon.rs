@@ -1,0 +1,299 @@
+//! `careweave-node run`: the node, its network, the local control socket
+//! and the trust-list file watcher, together.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use careweave_protocol::NhsNumber;
+use careweave_protocol::message::{FetchRequest, LocateRequest, RequesterContext, WithheldReason};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::{LoadedConfig, NodeConfig};
+use crate::net::{self, IcbOutcome, NetConfig, NetError, NetworkHandle};
+use crate::node::{FetchAnswer, Node};
+
+/// Longest control request accepted, in bytes.
+const MAX_CONTROL_REQUEST: u64 = 64 * 1024;
+/// Control connections served at once.
+const MAX_CONTROL_CONNECTIONS: usize = 16;
+
+/// The peer-plane settings from a node's configuration.
+pub fn net_config(config: &NodeConfig) -> Result<NetConfig, String> {
+    let listen = config
+        .network
+        .listen
+        .iter()
+        .map(|a| a.parse().map_err(|e| format!("network.listen {a:?}: {e}")))
+        .collect::<Result<_, _>>()?;
+    Ok(NetConfig {
+        listen,
+        max_frame_bytes: config.network.max_frame_bytes,
+        request_deadline: Duration::from_millis(config.network.request_deadline_ms),
+        max_inflight_total: config.network.max_inflight_total,
+        max_inflight_per_peer: config.network.max_inflight_per_peer,
+        rate_per_sec: f64::from(config.network.peer_rate_per_sec),
+        burst: f64::from(config.network.peer_burst),
+        idle_timeout: Duration::from_secs(config.network.idle_timeout_secs),
+        mdns: config.network.mdns,
+    })
+}
+
+/// Starts the network for a node; the event loop runs on the current runtime.
+pub fn start_network(node: Arc<Node>, config: NetConfig) -> Result<NetworkHandle, NetError> {
+    let (handle, event_loop) = net::start(node, config)?;
+    tokio::spawn(event_loop.run());
+    Ok(handle)
+}
+
+/// A request on the control socket: one JSON object on one line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ControlRequest {
+    Locate {
+        nhs_number: NhsNumber,
+        context: RequesterContext,
+    },
+    Fetch {
+        nhs_number: NhsNumber,
+        pointer_id: String,
+        context: RequesterContext,
+    },
+    Status,
+}
+
+/// One ICB's answer, for people and scripts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IcbReport {
+    pub ods: String,
+    pub name: String,
+    /// `pointers`, `no-records`, `withheld`, `timed-out`, `unreachable`, `refused`.
+    pub outcome: String,
+    pub pointers: Vec<careweave_protocol::message::Pointer>,
+    pub withheld: Vec<WithheldReason>,
+    pub detail: Option<String>,
+}
+
+/// The answer on the control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum ControlResponse {
+    Located {
+        icbs: Vec<IcbReport>,
+    },
+    Fetched {
+        custodian: String,
+        withheld: Vec<WithheldReason>,
+        /// Each record's FHIR JSON, custodian signature checked.
+        records: Vec<serde_json::Value>,
+    },
+    Status {
+        ods: String,
+        peer_id: String,
+        listen: Vec<String>,
+        connected: usize,
+        ready: bool,
+        not_ready_reason: Option<String>,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Turns locate results into reports.
+pub fn reports(results: Vec<net::IcbResult>) -> Vec<IcbReport> {
+    results
+        .into_iter()
+        .map(|r| {
+            let (outcome, pointers, withheld, detail) = match r.outcome {
+                IcbOutcome::Pointers { pointers, withheld } => {
+                    ("pointers", pointers, withheld, None)
+                }
+                IcbOutcome::NoRecords => ("no-records", vec![], vec![], None),
+                IcbOutcome::Withheld(w) => ("withheld", vec![], w, None),
+                IcbOutcome::TimedOut => ("timed-out", vec![], vec![], None),
+                IcbOutcome::Unreachable(d) => ("unreachable", vec![], vec![], Some(d)),
+                IcbOutcome::Refused(d) => ("refused", vec![], vec![], Some(d)),
+            };
+            IcbReport {
+                ods: r.ods.to_string(),
+                name: r.name,
+                outcome: outcome.to_owned(),
+                pointers,
+                withheld,
+                detail,
+            }
+        })
+        .collect()
+}
+
+async fn answer(handle: &NetworkHandle, node: &Node, request: ControlRequest) -> ControlResponse {
+    match request {
+        ControlRequest::Locate {
+            nhs_number,
+            context,
+        } => {
+            let request = LocateRequest {
+                nhs_number,
+                context,
+                sections: None,
+            };
+            match handle.locate(request).await {
+                Ok(results) => ControlResponse::Located {
+                    icbs: reports(results),
+                },
+                Err(e) => ControlResponse::Error {
+                    message: node
+                        .not_ready_reason(net::unix_now())
+                        .unwrap_or_else(|| e.to_string()),
+                },
+            }
+        }
+        ControlRequest::Fetch {
+            nhs_number,
+            pointer_id,
+            context,
+        } => match handle
+            .fetch(FetchRequest {
+                nhs_number,
+                pointer_id,
+                context,
+            })
+            .await
+        {
+            Ok(FetchAnswer::Records {
+                custodian,
+                records,
+                withheld,
+            }) => ControlResponse::Fetched {
+                custodian: custodian.to_string(),
+                withheld,
+                records: records
+                    .iter()
+                    .filter_map(|r| serde_json::from_slice(&r.json).ok())
+                    .collect(),
+            },
+            Ok(FetchAnswer::Refused(e)) => ControlResponse::Error {
+                message: format!("refused by the custodian ({:?}): {}", e.code, e.message),
+            },
+            Err(e) => ControlResponse::Error {
+                message: e.to_string(),
+            },
+        },
+        ControlRequest::Status => {
+            let status = handle.status().await.unwrap_or_default();
+            let now = net::unix_now();
+            ControlResponse::Status {
+                ods: node.ods().to_string(),
+                peer_id: node.peer_id().to_base58(),
+                listen: status
+                    .listen_addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                connected: status.connected.len(),
+                ready: node.not_ready_reason(now).is_none(),
+                not_ready_reason: node.not_ready_reason(now),
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, handle: NetworkHandle, node: Arc<Node>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_CONTROL_REQUEST));
+    let response = match reader.read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(request) => answer(&handle, &node, request).await,
+            Err(e) => ControlResponse::Error {
+                message: format!("bad control request: {e}"),
+            },
+        },
+        Err(e) => ControlResponse::Error {
+            message: format!("cannot read control request: {e}"),
+        },
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+}
+
+/// Serves the control socket (mode 0600) until the process ends.
+pub async fn serve_control(
+    path: PathBuf,
+    handle: NetworkHandle,
+    node: Arc<Node>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let handle = handle.clone();
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            serve_one(stream, handle, node).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends one control request to a running node and waits for its answer.
+pub async fn control(
+    path: &std::path::Path,
+    request: &ControlRequest,
+) -> std::io::Result<ControlResponse> {
+    let stream = UnixStream::connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(read.take(64 * 1024 * 1024))
+        .read_line(&mut line)
+        .await?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+/// Watches the configured trust-list file and installs it when it changes.
+pub async fn watch_trust_file(loaded: LoadedConfig, handle: NetworkHandle, node: Arc<Node>) {
+    let Some(list) = loaded.config.trust.list.as_ref().map(|p| loaded.resolve(p)) else {
+        return;
+    };
+    let mut last: Option<SystemTime> = std::fs::metadata(&list).and_then(|m| m.modified()).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let modified = std::fs::metadata(&list).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified == last {
+            continue;
+        }
+        last = modified;
+        let Ok(bytes) = std::fs::read(&list) else {
+            continue;
+        };
+        let n = Arc::clone(&node);
+        match tokio::task::spawn_blocking(move || n.install_list(&bytes, net::unix_now())).await {
+            Ok(Ok(seq)) => {
+                tracing::info!(seq, file = %list.display(), "installed the trust list dropped in by the operator");
+                let _ = handle.trust_changed().await;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, file = %list.display(), "the trust list file was not installed")
+            }
+            Err(e) => tracing::error!(error = %e, "trust list install task failed"),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! careweave's request-response framing: a 4-byte big-endian length, then
+//! that many bytes of signed CBOR. A frame longer than the limit is refused
+//! from its length alone, before any of it is read or any memory reserved.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use libp2p::request_response;
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("frame of {len} bytes is over the limit of {max} bytes and was refused unread")]
+pub struct FrameTooLarge {
+    pub len: usize,
+    pub max: usize,
+}
+
+/// Length-prefixed frames with explicit maximum sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCodec {
+    pub max_request: usize,
+    pub max_response: usize,
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut prefix = [0u8; 4];
+    io.read_exact(&mut prefix).await?;
+    let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            FrameTooLarge { len, max },
+        ));
+    }
+    let mut frame = vec![0u8; len];
+    io.read_exact(&mut frame).await?;
+    Ok(frame)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    frame: &[u8],
+    max: usize,
+) -> io::Result<()> {
+    if frame.len() > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            FrameTooLarge {
+                len: frame.len(),
+                max,
+            },
+        ));
+    }
+    let len = u32::try_from(frame.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(frame).await?;
+    io.close().await
+}
+
+impl request_response::Codec for FrameCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_request).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_frame(io, self.max_response).await
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &req, self.max_request).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Vec<u8>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &res, self.max_response).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    fn block<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Cursor::new(Vec::new());
+        block(write_frame(&mut buf, b"hello", 16)).unwrap();
+        assert_eq!(buf.get_ref()[..4], [0, 0, 0, 5]);
+        let mut read = Cursor::new(buf.into_inner());
+        assert_eq!(block(read_frame(&mut read, 16)).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_from_its_length_alone() {
+        // Claims 4 GiB - 1 and carries nothing: refused without reading or allocating.
+        let mut read = Cursor::new(vec![0xff, 0xff, 0xff, 0xff]);
+        let err = block(read_frame(&mut read, 1024)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("over the limit of 1024"), "{err}");
+        assert_eq!(read.position(), 4, "nothing beyond the prefix was read");
+        let mut buf = Cursor::new(Vec::new());
+        assert!(block(write_frame(&mut buf, &[0; 17], 16)).is_err());
+    }
+
+    #[test]
+    fn a_truncated_frame_is_an_error() {
+        let mut read = Cursor::new(vec![0, 0, 0, 9, 1, 2]);
+        assert!(block(read_frame(&mut read, 16)).is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! The peer plane with real nodes on loopback: libp2p over TCP + TLS +
+//! yamux on random 127.0.0.1 ports, a signed trust list, real stores.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use careweave_node::config::NodeConfig;
+use careweave_node::daemon;
+use careweave_node::import::Importer;
+use careweave_node::net::{IcbOutcome, NetworkHandle};
+use careweave_node::node::{FetchAnswer, Node};
+use careweave_node::store::Store;
+use careweave_protocol::cbor::{self, Limits};
+use careweave_protocol::envelope::ProtocolId;
+use careweave_protocol::message::{ErrorMessage, FetchRequest, LocateRequest, Purpose};
+use careweave_protocol::trust::{MemberStatus, Role};
+use careweave_protocol::{NhsNumber, OdsCode};
+use common::{Coordinator, DAY, T0, context, keys, member_at};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Net {
+    coordinator: Coordinator,
+    ports: Vec<(String, u16)>,
+}
+
+impl Net {
+    fn new(codes: &[&str]) -> Self {
+        Self {
+            coordinator: Coordinator::new(),
+            ports: codes.iter().map(|c| (c.to_string(), free_port())).collect(),
+        }
+    }
+
+    fn list(&self, seq: u64, prev: Option<[u8; 32]>, suspended: &[&str]) -> Vec<u8> {
+        let members = self
+            .ports
+            .iter()
+            .map(|(ods, port)| {
+                let mut m = member_at(
+                    ods,
+                    vec![Role::Provider, Role::Consumer],
+                    &format!("/ip4/127.0.0.1/tcp/{port}"),
+                );
+                if suspended.contains(&ods.as_str()) {
+                    m.status = MemberStatus::Suspended;
+                }
+                m
+            })
+            .collect();
+        self.coordinator.list_bytes(seq, prev, members, vec![])
+    }
+
+    fn port(&self, ods: &str) -> u16 {
+        self.ports.iter().find(|(o, _)| o == ods).unwrap().1
+    }
+}
+
+struct Running {
+    node: Arc<Node>,
+    handle: NetworkHandle,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+fn config(ods: &str, port: u16) -> NodeConfig {
+    let mut config = common::config(ods);
+    config.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}")];
+    config.network.request_deadline_ms = 1500;
+    config.network.max_frame_bytes = 1024 * 1024;
+    config
+}
+
+/// Starts a node at the real clock (the fixture's lists are valid around T0,
+/// so these tests sign lists for now instead).
+async fn start(net: &Net, ods: &str, list: &[u8]) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
+    let now = careweave_node::net::unix_now();
+    let node = Arc::new(Node::new(config(ods, net.port(ods)), keys(ods), store, now).unwrap());
+    node.install_root(&net.coordinator.root_bytes(), now)
+        .unwrap();
+    node.install_list(list, now).unwrap();
+    let net_config = daemon::net_config(&node.config).unwrap();
+    let (handle, event_loop) = careweave_node::net::start(Arc::clone(&node), net_config).unwrap();
+    let task = tokio::spawn(event_loop.run());
+    Running {
+        node,
+        handle,
+        task,
+        _dir: dir,
+    }
+}
+
+fn load(node: &Node) {
+    let (report, _, _) = Importer {
+        store: &node.store,
+        record_key: &node.keys.record,
+        custodian: node.ods(),
+        config: &node.config,
+        now: careweave_node::net::unix_now(),
+    }
+    .import_bytes("bundle", common::BUNDLE.as_bytes(), &mut |_, _| {})
+    .unwrap();
+    assert_eq!(report.stored, 9);
+}
+
+/// Waits, at most 20 s, for a condition; fails the test naming it if it never holds.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+async fn connected(r: &Running) -> usize {
+    r.handle
+        .status()
+        .await
+        .map(|s| s.connected.len())
+        .unwrap_or(0)
+}
+
+fn locate_request() -> LocateRequest {
+    LocateRequest {
+        nhs_number: NhsNumber::parse("9990000018").unwrap(),
+        context: context(Purpose::Treat),
+        sections: None,
+    }
+}
+
+/// The fixture's coordinator signs lists valid around T0; these tests run at
+/// the real clock, so shift its windows to now.
+fn shift_to_now(net: &mut Net) {
+    let now = careweave_node::net::unix_now();
+    let _ = T0;
+    net.coordinator.root.issued = now - 60 * DAY;
+    net.coordinator.root.expires = now + 365 * DAY;
+    net.coordinator.at = Some(now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locate_and_fetch_across_three_nodes() {
+    let mut net = Net::new(&["QHG", "QUE", "QM7"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    let qm7 = start(&net, "QM7", &list).await;
+    load(&que.node);
+    eventually("every node connected to the other two", || async {
+        connected(&qhg).await == 2 && connected(&que).await == 2 && connected(&qm7).await == 2
+    })
+    .await;
+
+    let results = qhg.handle.locate(locate_request()).await.unwrap();
+    assert_eq!(results.len(), 2, "{results:?}");
+    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let IcbOutcome::Pointers { pointers, withheld } = &que_result.outcome else {
+        panic!("QUE: {:?}", que_result.outcome)
+    };
+    assert_eq!(pointers.len(), 7);
+    assert_eq!(withheld.len(), 2);
+    let qm7_result = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    assert_eq!(qm7_result.outcome, IcbOutcome::NoRecords);
+
+    let answer = qhg
+        .handle
+        .fetch(FetchRequest {
+            nhs_number: NhsNumber::parse("9990000018").unwrap(),
+            pointer_id: pointers[0].id.clone(),
+            context: context(Purpose::Treat),
+        })
+        .await
+        .unwrap();
+    let FetchAnswer::Records {
+        records, custodian, ..
+    } = answer
+    else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(custodian.as_str(), "QUE");
+    assert!(!records.is_empty());
+    assert!(records.iter().all(|r| r.label.custodian.as_str() == "QUE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_tampered_requests_over_a_real_connection() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    eventually("connected", || async { connected(&qhg).await == 1 }).await;
+    let now = careweave_node::net::unix_now();
+    let request = qhg
+        .node
+        .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), now)
+        .unwrap();
+    let que_peer = que.node.peer_id().clone();
+    let first = qhg
+        .handle
+        .send_raw(ProtocolId::Locate, &que_peer, request.bytes.clone())
+        .await
+        .unwrap();
+    assert!(
+        qhg.node
+            .accept_locate_response(&request, &first, now)
+            .is_ok()
+    );
+    let error_of = |bytes: &[u8]| -> ErrorMessage {
+        let s = careweave_protocol::cose::Sign1::decode(bytes, 1 << 20).unwrap();
+        cbor::decode(&s.payload, Limits::MESSAGE).unwrap()
+    };
+    let replay = qhg
+        .handle
+        .send_raw(ProtocolId::Locate, &que_peer, request.bytes.clone())
+        .await
+        .unwrap();
+    assert!(
+        error_of(&replay).message.contains("replay"),
+        "{:?}",
+        error_of(&replay)
+    );
+    let mut tampered = request.bytes.clone();
+    let n = tampered.len();
+    tampered[n - 3] ^= 1;
+    let answer = qhg
+        .handle
+        .send_raw(ProtocolId::Locate, &que_peer, tampered)
+        .await
+        .unwrap();
+    assert!(
+        error_of(&answer).message.contains("signature"),
+        "{:?}",
+        error_of(&answer)
+    );
+    let refused = que.node.metrics.refused();
+    assert_eq!(refused.get("replayed"), Some(&1));
+    assert_eq!(refused.get("bad-signature"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_is_reported_and_the_others_still_answer() {
+    let mut net = Net::new(&["QHG", "QUE", "QM7"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    let qm7 = start(&net, "QM7", &list).await;
+    load(&que.node);
+    eventually("connected", || async { connected(&qhg).await == 2 }).await;
+    qm7.task.abort();
+    drop(qm7);
+    let results = qhg.handle.locate(locate_request()).await.unwrap();
+    let qm7_result = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    assert!(
+        matches!(
+            qm7_result.outcome,
+            IcbOutcome::Unreachable(_) | IcbOutcome::TimedOut
+        ),
+        "{:?}",
+        qm7_result.outcome
+    );
+    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    assert!(
+        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
+        "{:?}",
+        que_result.outcome
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_member_is_cut_off_when_the_new_list_spreads() {
+    let mut net = Net::new(&["QHG", "QUE", "QM7"]);
+    shift_to_now(&mut net);
+    let list1 = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list1).await;
+    let que = start(&net, "QUE", &list1).await;
+    let qm7 = start(&net, "QM7", &list1).await;
+    eventually("all connected", || async {
+        connected(&qhg).await == 2 && connected(&que).await == 2
+    })
+    .await;
+    // The coordinator suspends QM7 and hands the list to QHG only.
+    let prev = careweave_protocol::trust::sha256(&list1);
+    let list2 = net.list(2, Some(prev), &["QM7"]);
+    qhg.node
+        .install_list(&list2, careweave_node::net::unix_now())
+        .unwrap();
+    qhg.handle.trust_changed().await.unwrap();
+    eventually("QUE holds list 2 (by gossip or pull)", || async {
+        que.node
+            .current_list(careweave_node::net::unix_now())
+            .map(|l| l.list().seq)
+            == Some(2)
+    })
+    .await;
+    eventually("QM7 disconnected from everyone", || async {
+        connected(&qm7).await == 0 && connected(&qhg).await == 1 && connected(&que).await == 1
+    })
+    .await;
+    // QM7's requests are refused from now on: it cannot even connect.
+    let results = qm7.handle.locate(locate_request()).await.unwrap();
+    assert!(
+        results.iter().all(|r| !matches!(
+            r.outcome,
+            IcbOutcome::Pointers { .. } | IcbOutcome::NoRecords
+        )),
+        "{results:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_an_older_list_catches_up_on_connect() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list1 = net.list(1, None, &[]);
+    let list2 = net.list(2, Some(careweave_protocol::trust::sha256(&list1)), &[]);
+    let qhg = start(&net, "QHG", &list2).await;
+    let que = start(&net, "QUE", &list1).await;
+    eventually("QUE caught up to list 2", || async {
+        que.node
+            .current_list(careweave_node::net::unix_now())
+            .map(|l| l.list().seq)
+            == Some(2)
+    })
+    .await;
+    drop(qhg);
+}
