@@ -34,6 +34,8 @@ pub struct Metrics {
     pub emergency_alerts: AtomicU64,
     pub equivocations: AtomicU64,
     pub audit_failures: AtomicU64,
+    /// Frames refused unread for size (shared with the network codec).
+    pub frames_too_large: std::sync::Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -1041,6 +1043,32 @@ impl Node {
             },
             now,
         )
+    }
+
+    /// Counts and audits a request the transport refused before it could be
+    /// read (an oversized frame, a broken stream).
+    pub fn record_unread_refusal(
+        &self,
+        protocol: ProtocolId,
+        remote: &PeerIdBytes,
+        reason: &'static str,
+        detail: &str,
+        now: u64,
+    ) {
+        self.metrics.refuse(reason);
+        let peer = self
+            .current_list(now)
+            .and_then(|l| l.member_by_peer(remote).cloned());
+        let _ = self.audit_refusal(
+            protocol,
+            peer.as_ref(),
+            remote,
+            None,
+            [0; 32],
+            reason,
+            detail,
+            now,
+        );
     }
 
     /// Signs a trust pull for a peer: "send me anything newer than what I hold".

@@ -349,3 +349,269 @@ async fn a_node_with_an_older_list_catches_up_on_connect() {
     .await;
     drop(qhg);
 }
+
+mod raw {
+    //! A bare libp2p peer, to act as a stranger or a misbehaving member.
+    use super::*;
+    use futures::{AsyncWrite, AsyncWriteExt, StreamExt};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{StreamProtocol, identity, request_response};
+
+    /// Writes a length prefix claiming `claimed` bytes, then only a few.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct LyingCodec {
+        pub(crate) claimed: u32,
+    }
+
+    impl request_response::Codec for LyingCodec {
+        type Protocol = StreamProtocol;
+        type Request = Vec<u8>;
+        type Response = Vec<u8>;
+
+        async fn read_request<T>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+        ) -> std::io::Result<Vec<u8>>
+        where
+            T: futures::AsyncRead + Unpin + Send,
+        {
+            Ok(vec![])
+        }
+
+        async fn read_response<T>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+        ) -> std::io::Result<Vec<u8>>
+        where
+            T: futures::AsyncRead + Unpin + Send,
+        {
+            let mut out = Vec::new();
+            futures::AsyncReadExt::read_to_end(io, &mut out).await?;
+            if out.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "stream closed without an answer",
+                ));
+            }
+            Ok(out)
+        }
+
+        async fn write_request<T>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            req: Vec<u8>,
+        ) -> std::io::Result<()>
+        where
+            T: AsyncWrite + Unpin + Send,
+        {
+            io.write_all(&self.claimed.to_be_bytes()).await?;
+            io.write_all(&req).await?;
+            io.close().await
+        }
+
+        async fn write_response<T>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+            _: Vec<u8>,
+        ) -> std::io::Result<()>
+        where
+            T: AsyncWrite + Unpin + Send,
+        {
+            Ok(())
+        }
+    }
+
+    /// Dials `addr` as `key`, sends one locate request with the codec, and
+    /// reports whether any response came back (bounded wait of 10 s).
+    pub(crate) async fn try_request(
+        key: identity::Keypair,
+        target: libp2p::PeerId,
+        addr: libp2p::Multiaddr,
+        codec: LyingCodec,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::tls::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    codec,
+                    [(
+                        StreamProtocol::new("/careweave/locate/1"),
+                        request_response::ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default(),
+                )
+            })
+            .unwrap()
+            .build();
+        swarm.add_peer_address(target, addr);
+        swarm.behaviour_mut().send_request(&target, body);
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => return Err("no answer and no failure within 10 s".into()),
+                event = swarm.select_next_some() => match event {
+                    SwarmEvent::Behaviour(request_response::Event::Message { message: request_response::Message::Response { response, .. }, .. }) => return Ok(response),
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => return Err(error.to_string()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub(crate) fn libp2p_key(pair: &careweave_protocol::KeyPair) -> identity::Keypair {
+        let mut secret = pair.secret_bytes();
+        identity::Keypair::ed25519_from_bytes(&mut secret).unwrap()
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_not_on_the_list_gets_no_connection_and_no_answer() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let que = start(&net, "QUE", &list).await;
+    let qhg = start(&net, "QHG", &list).await;
+    eventually("members connected", || async { connected(&que).await == 1 }).await;
+    // A stranger sends a well-formed, correctly signed-looking request.
+    let now = careweave_node::net::unix_now();
+    let body = qhg
+        .node
+        .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), now)
+        .unwrap()
+        .bytes;
+    let stranger = libp2p::identity::Keypair::generate_ed25519();
+    let target = libp2p::PeerId::from_bytes(que.node.peer_id().as_bytes()).unwrap();
+    let addr = format!("/ip4/127.0.0.1/tcp/{}", net.port("QUE"))
+        .parse()
+        .unwrap();
+    let result = raw::try_request(
+        stranger,
+        target,
+        addr,
+        raw::LyingCodec {
+            claimed: body.len() as u32,
+        },
+        body,
+    )
+    .await;
+    assert!(result.is_err(), "a stranger got an answer: {result:?}");
+    assert_eq!(connected(&que).await, 1, "only the member stays connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_without_memory_growing_by_its_claim() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let que = start(&net, "QUE", &list).await;
+    // QHG's identity (on the list) speaking through a codec that lies about length.
+    let target = libp2p::PeerId::from_bytes(que.node.peer_id().as_bytes()).unwrap();
+    let addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", net.port("QUE"))
+        .parse()
+        .unwrap();
+    let before = rss_bytes();
+    for _ in 0..4 {
+        let result = raw::try_request(
+            raw::libp2p_key(&keys("QHG").transport),
+            target,
+            addr.clone(),
+            raw::LyingCodec {
+                claimed: 0x7fff_ffff,
+            },
+            vec![0xd2; 64],
+        )
+        .await;
+        assert!(
+            result.is_err(),
+            "an oversized frame got an answer: {result:?}"
+        );
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "memory grew by {grown} bytes for frames claiming 2 GiB each"
+    );
+    eventually("the refusals are counted", || async {
+        que.node
+            .metrics
+            .frames_too_large
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_rate_gets_a_signed_busy_answer() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
+    let now = careweave_node::net::unix_now();
+    let mut config = config("QUE", net.port("QUE"));
+    config.network.peer_rate_per_sec = 1;
+    config.network.peer_burst = 2;
+    let que_node = Arc::new(Node::new(config, keys("QUE"), store, now).unwrap());
+    que_node
+        .install_root(&net.coordinator.root_bytes(), now)
+        .unwrap();
+    que_node.install_list(&list, now).unwrap();
+    let (handle, event_loop) = careweave_node::net::start(
+        Arc::clone(&que_node),
+        daemon::net_config(&que_node.config).unwrap(),
+    )
+    .unwrap();
+    tokio::spawn(event_loop.run());
+    eventually("connected", || async { connected(&qhg).await == 1 }).await;
+    let mut busy = 0;
+    for _ in 0..6 {
+        let request = qhg
+            .node
+            .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), now)
+            .unwrap();
+        let bytes = qhg
+            .handle
+            .send_raw(
+                ProtocolId::Locate,
+                que_node.peer_id(),
+                request.bytes.clone(),
+            )
+            .await
+            .unwrap();
+        if let Ok(careweave_node::node::LocateAnswer::Refused(e)) =
+            qhg.node.accept_locate_response(&request, &bytes, now)
+        {
+            assert_eq!(e.code, careweave_protocol::message::ErrorCode::Busy);
+            assert!(e.retry_after_ms.is_some());
+            busy += 1;
+        }
+    }
+    assert!(busy >= 1, "no busy answer past the burst");
+    assert!(que_node.metrics.refused().get("busy").copied().unwrap_or(0) >= 1);
+    drop(handle);
+}

@@ -3,6 +3,8 @@
 //! from its length alone, before any of it is read or any memory reserved.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
@@ -17,17 +19,26 @@ pub struct FrameTooLarge {
 }
 
 /// Length-prefixed frames with explicit maximum sizes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct FrameCodec {
     pub max_request: usize,
     pub max_response: usize,
+    /// Counts frames refused for size. libp2p does not report which peer a
+    /// failed read came from, so the count is all that can be kept.
+    pub refused: Arc<AtomicU64>,
 }
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    max: usize,
+    refused: &AtomicU64,
+) -> io::Result<Vec<u8>> {
     let mut prefix = [0u8; 4];
     io.read_exact(&mut prefix).await?;
     let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
     if len > max {
+        refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(len, max, "refused an oversized frame unread");
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             FrameTooLarge { len, max },
@@ -68,14 +79,14 @@ impl request_response::Codec for FrameCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max_request).await
+        read_frame(io, self.max_request, &self.refused).await
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
     where
         T: AsyncRead + Unpin + Send,
     {
-        read_frame(io, self.max_response).await
+        read_frame(io, self.max_response, &self.refused).await
     }
 
     async fn write_request<T>(
@@ -118,14 +129,19 @@ mod tests {
         block(write_frame(&mut buf, b"hello", 16)).unwrap();
         assert_eq!(buf.get_ref()[..4], [0, 0, 0, 5]);
         let mut read = Cursor::new(buf.into_inner());
-        assert_eq!(block(read_frame(&mut read, 16)).unwrap(), b"hello");
+        assert_eq!(
+            block(read_frame(&mut read, 16, &AtomicU64::new(0))).unwrap(),
+            b"hello"
+        );
     }
 
     #[test]
     fn an_oversized_frame_is_refused_from_its_length_alone() {
         // Claims 4 GiB - 1 and carries nothing: refused without reading or allocating.
         let mut read = Cursor::new(vec![0xff, 0xff, 0xff, 0xff]);
-        let err = block(read_frame(&mut read, 1024)).unwrap_err();
+        let refused = AtomicU64::new(0);
+        let err = block(read_frame(&mut read, 1024, &refused)).unwrap_err();
+        assert_eq!(refused.load(Ordering::Relaxed), 1);
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("over the limit of 1024"), "{err}");
         assert_eq!(read.position(), 4, "nothing beyond the prefix was read");
@@ -136,6 +152,6 @@ mod tests {
     #[test]
     fn a_truncated_frame_is_an_error() {
         let mut read = Cursor::new(vec![0, 0, 0, 9, 1, 2]);
-        assert!(block(read_frame(&mut read, 16)).is_err());
+        assert!(block(read_frame(&mut read, 16, &AtomicU64::new(0))).is_err());
     }
 }

@@ -441,6 +441,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
     let codec = FrameCodec {
         max_request: config.max_frame_bytes,
         max_response: config.max_frame_bytes,
+        refused: Arc::clone(&node.metrics.frames_too_large),
     };
     let rr_config = request_response::Config::default()
         .with_request_timeout(config.request_deadline + Duration::from_secs(1))
@@ -484,7 +485,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
             };
             let rr = |protocol| {
                 request_response::Behaviour::with_codec(
-                    codec,
+                    codec.clone(),
                     [(
                         stream_protocol(protocol),
                         request_response::ProtocolSupport::Full,
@@ -972,7 +973,19 @@ impl EventLoop {
                 request_id, error, ..
             } => self.on_response(request_id, Err(error.to_string())),
             Event::InboundFailure { peer, error, .. } => {
-                tracing::info!(%peer, %error, "inbound request failed");
+                tracing::info!(%peer, %error, "inbound request refused or failed");
+                let reason = if error.to_string().contains("over the limit") {
+                    "too-large"
+                } else {
+                    "inbound-failure"
+                };
+                if let Ok(remote) = PeerIdBytes::from_slice(&peer.to_bytes()) {
+                    let node = Arc::clone(&self.node);
+                    let detail = error.to_string();
+                    tokio::task::spawn_blocking(move || {
+                        node.record_unread_refusal(protocol, &remote, reason, &detail, unix_now());
+                    });
+                }
             }
             Event::ResponseSent { .. } => {}
         }
