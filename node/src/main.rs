@@ -472,6 +472,38 @@ fn audit_export(loaded: &LoadedConfig, nhs_number: &str) -> Result<ExitCode> {
 }
 
 fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
+    // A running node holds the store; ask it through its control socket.
+    let socket = loaded.resolve(&loaded.config.network.control_socket);
+    if socket.exists()
+        && let Ok(ControlResponse::Status {
+            ods,
+            peer_id,
+            listen,
+            connected,
+            ready,
+            not_ready_reason,
+        }) = runtime()?.block_on(daemon::control(&socket, &ControlRequest::Status))
+    {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "running": true, "ods": ods, "peer_id": peer_id, "listen": listen,
+                    "connected_peers": connected, "ready": ready, "not_ready_reason": not_ready_reason,
+                }))?
+            );
+        } else {
+            println!("node        {ods} (running)");
+            println!("peer id     {peer_id}");
+            println!("listening   {}", listen.join(", "));
+            println!("connected   {connected} peer(s)");
+            match not_ready_reason {
+                None => println!("ready       yes"),
+                Some(reason) => println!("ready       no: {reason}"),
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let node = open_node(loaded)?;
     let now = now();
     let trust = node.trust();
@@ -530,7 +562,21 @@ fn run_node(loaded: LoadedConfig) -> Result<ExitCode> {
     // Two rustls providers in the tree make rustls panic unless one is chosen.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let net_config = daemon::net_config(&loaded.config).map_err(anyhow::Error::msg)?;
-    let node = std::sync::Arc::new(open_node(&loaded)?);
+    // A command such as `status` may hold the store for a moment; wait for
+    // it briefly rather than fail, but never for long.
+    let mut attempts = 0;
+    let node = loop {
+        match opening::open_node(&loaded, now()) {
+            Ok(node) => break std::sync::Arc::new(node),
+            Err(opening::OpenError::Store(careweave_node::store::StoreError::Locked {
+                ..
+            })) if attempts < 50 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if let Some(reason) = node.not_ready_reason(now()) {
         tracing::warn!(%reason, "starting, but not ready to answer");
     }

@@ -1,0 +1,285 @@
+//! `careweave-node run` as operators run it: two processes made by `init`,
+//! trust files from the coordinator, records imported, then `locate` and
+//! `fetch` through the running node's control socket, and a new trust list
+//! dropped into the watched file.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use careweave_node::keys::{KEY_USES, NodeKeys};
+use careweave_protocol::OdsCode;
+use careweave_protocol::trust::{KeyUse, Member, MemberKey, MemberStatus, PeerEntry, Role};
+use common::{Coordinator, DAY};
+
+const BIN: &str = env!("CARGO_BIN_EXE_careweave-node");
+const BUNDLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/multi-section.json");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        for _ in 0..50 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn member(dir: &Path, ods: &str, port: u16, status: MemberStatus) -> Member {
+    let keys = NodeKeys::load(&dir.join("keys")).unwrap();
+    let now = careweave_node::net::unix_now();
+    Member {
+        ods: OdsCode::parse(ods).unwrap(),
+        name: format!("NHS {ods} ICB"),
+        status,
+        roles: vec![Role::Provider, Role::Consumer],
+        valid_from: now - DAY,
+        valid_until: now + 30 * DAY,
+        peers: vec![PeerEntry {
+            peer_id: keys.peer_id(),
+            addrs: vec![format!("/ip4/127.0.0.1/tcp/{port}")],
+        }],
+        keys: KEY_USES
+            .iter()
+            .map(|u| MemberKey {
+                kid: keys.get(*u).kid(),
+                key_use: *u,
+                public: keys.get(*u).public_key(),
+                valid_from: now - DAY,
+                valid_until: now + 30 * DAY,
+            })
+            .collect::<Vec<_>>(),
+        predecessors: vec![],
+        contact: None,
+    }
+}
+
+fn init(dir: &Path, ods: &str, port: u16) -> PathBuf {
+    let out = Command::new(BIN)
+        .args([
+            "init",
+            "--ods",
+            ods,
+            "--name",
+            &format!("NHS {ods} ICB"),
+            "--testnet",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = dir.join("config.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("# root = \"trust/root.cose\"", "root = \"trust/root.cose\"")
+        .replace("# list = \"trust/list.cose\"", "list = \"trust/list.cose\"");
+    std::fs::write(&config, text).unwrap();
+    std::fs::create_dir_all(dir.join("trust")).unwrap();
+    config
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool, logs: &dyn Fn()) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    logs();
+    panic!("never happened: {what}");
+}
+
+fn connected_peers(config: &Path) -> Option<u64> {
+    // Only ask once the node serves its socket, so the store is not touched.
+    if !config.with_file_name("control.sock").exists() {
+        return None;
+    }
+    let out = cli(config, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["connected_peers"].as_u64()
+}
+
+#[test]
+fn two_operators_run_nodes_that_find_each_others_records() {
+    let _ = KeyUse::Transport;
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_port) = (free_port(), free_port());
+    let a = init(&dir.path().join("qhg"), "QHG", a_port);
+    let b = init(&dir.path().join("que"), "QUE", b_port);
+    let mut coordinator = Coordinator::new();
+    let now = careweave_node::net::unix_now();
+    coordinator.root.issued = now - DAY;
+    coordinator.root.expires = now + 365 * DAY;
+    coordinator.at = Some(now);
+    let members = |suspended: bool| {
+        vec![
+            member(&dir.path().join("qhg"), "QHG", a_port, MemberStatus::Active),
+            member(
+                &dir.path().join("que"),
+                "QUE",
+                b_port,
+                if suspended {
+                    MemberStatus::Suspended
+                } else {
+                    MemberStatus::Active
+                },
+            ),
+        ]
+    };
+    let list1 = coordinator.list_bytes(1, None, members(false), vec![]);
+    for node in ["qhg", "que"] {
+        std::fs::write(
+            dir.path().join(node).join("trust/root.cose"),
+            coordinator.root_bytes(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(node).join("trust/list.cose"), &list1).unwrap();
+    }
+    let out = cli(&b, &["import", BUNDLE]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let spawn = |config: &Path, log: &str| {
+        Proc(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _a = spawn(&a, "qhg.log");
+    let _b = spawn(&b, "que.log");
+    let logs = || {
+        for log in ["qhg.log", "que.log"] {
+            eprintln!(
+                "--- {log}\n{}",
+                std::fs::read_to_string(dir.path().join(log)).unwrap_or_default()
+            );
+        }
+    };
+    wait_for(
+        "both nodes connected",
+        || connected_peers(&a) == Some(1) && connected_peers(&b) == Some(1),
+        &logs,
+    );
+
+    let requester = [
+        "--user",
+        "555021935107",
+        "--role-profile",
+        "555021936108",
+        "--role-code",
+        "R8000",
+    ];
+    let mut args = vec!["locate", "9990000018", "--json"];
+    args.extend(requester);
+    let out = cli(&a, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let located: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let que = &located["icbs"][0];
+    assert_eq!(que["ods"], "QUE");
+    assert_eq!(que["outcome"], "pointers");
+    let pointer = que["pointers"][0]["id"].as_str().unwrap().to_owned();
+
+    // The human form names the ICB and its sections.
+    let mut args = vec!["locate", "999 000 0018"];
+    args.extend(requester);
+    let text = String::from_utf8_lossy(&cli(&a, &args).stdout).into_owned();
+    assert!(
+        text.contains("QUE") && text.contains("pointer(s)"),
+        "{text}"
+    );
+
+    let mut args = vec!["fetch", "9990000018", pointer.as_str(), "--json"];
+    args.extend(requester);
+    let out = cli(&a, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched["custodian"], "QUE");
+    assert!(!fetched["records"].as_array().unwrap().is_empty());
+
+    // Emergency access without a reason is refused before it leaves.
+    let mut args = vec!["locate", "9990000018", "--purpose", "ETREAT"];
+    args.extend(requester);
+    let out = cli(&a, &args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("break-glass"));
+
+    // The coordinator suspends QUE; QHG's operator drops the list into the watched file.
+    let list2 = coordinator.list_bytes(
+        2,
+        Some(careweave_protocol::trust::sha256(&list1)),
+        members(true),
+        vec![],
+    );
+    std::fs::write(dir.path().join("qhg/trust/list.cose"), &list2).unwrap();
+    wait_for(
+        "QUE cut off after the new list",
+        || connected_peers(&a) == Some(0),
+        &logs,
+    );
+    let mut args = vec!["locate", "9990000018", "--json"];
+    args.extend(requester);
+    let out = cli(&a, &args);
+    let located: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        located["icbs"].as_array().unwrap().len(),
+        0,
+        "a suspended ICB is not asked"
+    );
+}
