@@ -36,6 +36,7 @@ fn free_port() -> u16 {
 struct Net {
     coordinator: Coordinator,
     ports: Vec<(String, u16)>,
+    quic: bool,
 }
 
 impl Net {
@@ -43,6 +44,7 @@ impl Net {
         Self {
             coordinator: Coordinator::new(),
             ports: codes.iter().map(|c| (c.to_string(), free_port())).collect(),
+            quic: false,
         }
     }
 
@@ -51,11 +53,7 @@ impl Net {
             .ports
             .iter()
             .map(|(ods, port)| {
-                let mut m = member_at(
-                    ods,
-                    vec![Role::Provider, Role::Consumer],
-                    &format!("/ip4/127.0.0.1/tcp/{port}"),
-                );
+                let mut m = member_at(ods, vec![Role::Provider, Role::Consumer], &self.addr(*port));
                 if suspended.contains(&ods.as_str()) {
                     m.status = MemberStatus::Suspended;
                 }
@@ -63,6 +61,14 @@ impl Net {
             })
             .collect();
         self.coordinator.list_bytes(seq, prev, members, vec![])
+    }
+
+    fn addr(&self, port: u16) -> String {
+        if self.quic {
+            format!("/ip4/127.0.0.1/udp/{port}/quic-v1")
+        } else {
+            format!("/ip4/127.0.0.1/tcp/{port}")
+        }
     }
 
     fn port(&self, ods: &str) -> u16 {
@@ -77,9 +83,9 @@ struct Running {
     _dir: tempfile::TempDir,
 }
 
-fn config(ods: &str, port: u16) -> NodeConfig {
+fn config(ods: &str, listen: String) -> NodeConfig {
     let mut config = common::config(ods);
-    config.network.listen = vec![format!("/ip4/127.0.0.1/tcp/{port}")];
+    config.network.listen = vec![listen];
     config.network.request_deadline_ms = 1500;
     config.network.max_frame_bytes = 1024 * 1024;
     config
@@ -91,7 +97,8 @@ async fn start(net: &Net, ods: &str, list: &[u8]) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
     let now = careweave_node::net::unix_now();
-    let node = Arc::new(Node::new(config(ods, net.port(ods)), keys(ods), store, now).unwrap());
+    let node =
+        Arc::new(Node::new(config(ods, net.addr(net.port(ods))), keys(ods), store, now).unwrap());
     node.install_root(&net.coordinator.root_bytes(), now)
         .unwrap();
     node.install_list(list, now).unwrap();
@@ -573,7 +580,7 @@ async fn a_peer_over_its_rate_gets_a_signed_busy_answer() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
     let now = careweave_node::net::unix_now();
-    let mut config = config("QUE", net.port("QUE"));
+    let mut config = config("QUE", net.addr(net.port("QUE")));
     config.network.peer_rate_per_sec = 1;
     config.network.peer_burst = 2;
     let que_node = Arc::new(Node::new(config, keys("QUE"), store, now).unwrap());
@@ -614,4 +621,36 @@ async fn a_peer_over_its_rate_gets_a_signed_busy_answer() {
     assert!(busy >= 1, "no busy answer past the burst");
     assert!(que_node.metrics.refused().get("busy").copied().unwrap_or(0) >= 1);
     drop(handle);
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locate_over_quic() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    net.quic = true;
+    net.ports = vec![
+        ("QHG".into(), free_udp_port()),
+        ("QUE".into(), free_udp_port()),
+    ];
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    load(&que.node);
+    eventually("connected over QUIC", || async {
+        connected(&qhg).await == 1
+    })
+    .await;
+    let results = qhg.handle.locate(locate_request()).await.unwrap();
+    assert!(
+        matches!(results[0].outcome, IcbOutcome::Pointers { .. }),
+        "{results:?}"
+    );
 }
