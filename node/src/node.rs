@@ -23,8 +23,8 @@ use crate::audit::{AuditEntry, AuditError, AuditLog, Direction};
 use crate::config::NodeConfig;
 use crate::keys::NodeKeys;
 use crate::pointers;
-use crate::policy::{self, PolicySettings, Refusal};
-use crate::store::{Store, StoreError};
+use crate::policy::{self, PolicySettings};
+use crate::store::{Store, StoreError, StoredRecord};
 
 /// Counters an operator watches. Every label set is fixed and small.
 #[derive(Debug, Default)]
@@ -172,6 +172,25 @@ fn protocol_name(protocol: ProtocolId) -> &'static str {
         ProtocolId::Fetch => "fetch",
         ProtocolId::Trust => "trust",
     }
+}
+
+/// One verified inbound request: who sent it, on which connection and
+/// protocol, its hash and the moment, so answers and refusals need not
+/// repeat them.
+struct Exchange<'a> {
+    protocol: ProtocolId,
+    list: &'a AcceptedList,
+    remote: &'a PeerIdBytes,
+    requester: &'a Member,
+    hash: [u8; 32],
+    now: u64,
+}
+
+/// What the node holds about a patient, read once per request.
+struct PatientView {
+    records: Vec<StoredRecord>,
+    flags: crate::store::PatientFlags,
+    salt: [u8; 32],
 }
 
 /// A careweave node without its network.
@@ -464,12 +483,30 @@ impl Node {
             return Inbound::Drop("sender vanished from the list".to_owned());
         };
         match &opened.message {
-            Message::LocateRequest(request) => {
-                self.answer_locate(&list, remote, &local, &requester, &opened, request, now)
-            }
-            Message::FetchRequest(request) => {
-                self.answer_fetch(&list, remote, &local, &requester, &opened, request, now)
-            }
+            Message::LocateRequest(request) => self.answer_locate(
+                &Exchange {
+                    protocol,
+                    list: &list,
+                    remote,
+                    requester: &requester,
+                    hash: opened.hash,
+                    now,
+                },
+                &local,
+                request,
+            ),
+            Message::FetchRequest(request) => self.answer_fetch(
+                &Exchange {
+                    protocol,
+                    list: &list,
+                    remote,
+                    requester: &requester,
+                    hash: opened.hash,
+                    now,
+                },
+                &local,
+                request,
+            ),
             Message::TrustRequest(request) => {
                 self.answer_trust(&list, remote, &requester, &opened, *request, now)
             }
@@ -648,307 +685,241 @@ impl Node {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn answer_locate(
+    /// Refuses within an exchange: counted, audited, answered with a signed error.
+    fn refuse_exchange(
         &self,
-        list: &AcceptedList,
-        remote: &PeerIdBytes,
-        local: &Member,
-        requester: &Member,
-        opened: &Opened,
-        request: &LocateRequest,
-        now: u64,
+        ex: &Exchange<'_>,
+        who: (&RequesterContext, &NhsNumber),
+        reason: &'static str,
+        code: ErrorCode,
+        detail: &str,
     ) -> Inbound {
-        let who = Some((&request.context, &request.nhs_number));
-        if let Err((reason, code, detail)) =
-            self.check_request(local, requester, &request.nhs_number, now)
-        {
-            return self.refuse(
-                ProtocolId::Locate,
-                list,
-                Some(requester),
-                remote,
-                who,
-                opened.hash,
-                reason,
-                code,
-                &detail,
-                now,
-            );
-        }
-        let (records, flags, salt) = match (
-            self.store.patient_records(&request.nhs_number),
-            self.store.flags(&request.nhs_number),
-            self.store.pointer_salt(),
-        ) {
-            (Ok(r), Ok(f), Ok(s)) => (r, f, s),
-            _ => {
-                return self.refuse(
-                    ProtocolId::Locate,
-                    list,
-                    Some(requester),
-                    remote,
-                    who,
-                    opened.hash,
-                    "internal",
-                    ErrorCode::Internal,
-                    "the node could not read its store",
-                    now,
-                );
-            }
-        };
-        let records: Vec<_> = match &request.sections {
-            Some(sections) => records
-                .into_iter()
-                .filter(|r| sections.contains(&r.section))
-                .collect(),
-            None => records,
-        };
-        let disclosure =
-            match policy::disclose(&request.context, &flags, &records, self.policy_settings()) {
-                Ok(d) => d,
-                Err(refusal) => {
-                    return self.policy_refusal(
-                        ProtocolId::Locate,
-                        list,
-                        requester,
-                        remote,
-                        who,
-                        opened,
-                        &refusal,
-                        now,
-                    );
-                }
-            };
-        if disclosure.emergency {
-            self.emergency_alert(requester, &request.context, "locate");
-        }
-        let pointers = pointers::build(&self.ods, &salt, &request.nhs_number, &disclosure.released);
-        let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
-        let outcome = outcome_label(!pointers.is_empty(), !withheld.is_empty());
-        let entry = AuditEntry {
-            time: now,
-            direction: Direction::Inbound,
-            protocol: "locate".to_owned(),
-            peer_ods: Some(requester.ods.clone()),
-            peer_id: remote.to_base58(),
-            context: Some(request.context.clone()),
-            nhs_number: Some(request.nhs_number),
-            outcome: outcome.to_owned(),
-            reason: flags
-                .restricted
-                .then(|| "restricted patient: answered as unknown".to_owned()),
-            released: pointers.iter().map(|p| p.id.clone()).collect(),
-            withheld: withheld.clone(),
-            request_hash: opened.hash.to_vec(),
-            emergency: disclosure.emergency,
-        };
-        if self.append_audit(&entry).is_err() {
-            return self.reply(
-                ProtocolId::Locate,
-                list,
-                requester,
-                remote,
-                opened.hash,
+        self.refuse(
+            ex.protocol,
+            ex.list,
+            Some(ex.requester),
+            ex.remote,
+            Some(who),
+            ex.hash,
+            reason,
+            code,
+            detail,
+            ex.now,
+        )
+    }
+
+    fn reply_exchange<P: Payload>(&self, ex: &Exchange<'_>, payload: &P) -> Inbound {
+        self.reply(
+            ex.protocol,
+            ex.list,
+            ex.requester,
+            ex.remote,
+            ex.hash,
+            payload,
+            ex.now,
+        )
+    }
+
+    /// Audits an answer and only then signs it; if the audit append fails,
+    /// the requester gets an internal error and no data.
+    fn audited_reply<P: Payload>(
+        &self,
+        ex: &Exchange<'_>,
+        entry: &AuditEntry,
+        payload: &P,
+    ) -> Inbound {
+        if self.append_audit(entry).is_err() {
+            return self.reply_exchange(
+                ex,
                 &ErrorMessage {
                     code: ErrorCode::Internal,
                     message: "the node could not write its audit log, so it released nothing"
                         .to_owned(),
                     retry_after_ms: Some(1000),
                 },
-                now,
             );
         }
         self.metrics.answered.fetch_add(1, Ordering::Relaxed);
-        self.reply(
-            ProtocolId::Locate,
-            list,
-            requester,
-            remote,
-            opened.hash,
+        self.reply_exchange(ex, payload)
+    }
+
+    /// The checks and reads every locate and fetch starts with: parties,
+    /// test range, the patient's records, flags and the pointer salt, and
+    /// the policy's decision. Returns a ready refusal when any fails.
+    fn patient_view(
+        &self,
+        ex: &Exchange<'_>,
+        local: &Member,
+        context: &RequesterContext,
+        nhs: &NhsNumber,
+    ) -> Result<PatientView, Inbound> {
+        let who = (context, nhs);
+        if let Err((reason, code, detail)) = self.check_request(local, ex.requester, nhs, ex.now) {
+            return Err(self.refuse_exchange(ex, who, reason, code, &detail));
+        }
+        let (Ok(records), Ok(flags), Ok(salt)) = (
+            self.store.patient_records(nhs),
+            self.store.flags(nhs),
+            self.store.pointer_salt(),
+        ) else {
+            return Err(self.refuse_exchange(
+                ex,
+                who,
+                "internal",
+                ErrorCode::Internal,
+                "the node could not read its store",
+            ));
+        };
+        Ok(PatientView {
+            records,
+            flags,
+            salt,
+        })
+    }
+
+    fn audit_entry(
+        &self,
+        ex: &Exchange<'_>,
+        (context, nhs): (&RequesterContext, &NhsNumber),
+        released: Vec<String>,
+        withheld: &[WithheldReason],
+        emergency: bool,
+    ) -> AuditEntry {
+        let outcome = outcome_label(!released.is_empty(), !withheld.is_empty());
+        AuditEntry {
+            time: ex.now,
+            direction: Direction::Inbound,
+            protocol: protocol_name(ex.protocol).to_owned(),
+            peer_ods: Some(ex.requester.ods.clone()),
+            peer_id: ex.remote.to_base58(),
+            context: Some(context.clone()),
+            nhs_number: Some(*nhs),
+            outcome: outcome.to_owned(),
+            reason: None,
+            released,
+            withheld: withheld.to_vec(),
+            request_hash: ex.hash.to_vec(),
+            emergency,
+        }
+    }
+
+    fn answer_locate(&self, ex: &Exchange<'_>, local: &Member, request: &LocateRequest) -> Inbound {
+        let (context, nhs) = (&request.context, &request.nhs_number);
+        let view = match self.patient_view(ex, local, context, nhs) {
+            Ok(view) => view,
+            Err(refusal) => return refusal,
+        };
+        let records: Vec<StoredRecord> = match &request.sections {
+            Some(sections) => view
+                .records
+                .into_iter()
+                .filter(|r| sections.contains(&r.section))
+                .collect(),
+            None => view.records,
+        };
+        let disclosure =
+            match policy::disclose(context, &view.flags, &records, self.policy_settings()) {
+                Ok(d) => d,
+                Err(refusal) => {
+                    return self.refuse_exchange(
+                        ex,
+                        (context, nhs),
+                        refusal.reason(),
+                        ErrorCode::Refused,
+                        &refusal.to_string(),
+                    );
+                }
+            };
+        if disclosure.emergency {
+            self.emergency_alert(ex.requester, context, "locate");
+        }
+        let pointers = pointers::build(&self.ods, &view.salt, nhs, &disclosure.released);
+        let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
+        let mut entry = self.audit_entry(
+            ex,
+            (context, nhs),
+            pointers.iter().map(|p| p.id.clone()).collect(),
+            &withheld,
+            disclosure.emergency,
+        );
+        // The audit log tells the truth the answer must not.
+        entry.reason = view
+            .flags
+            .restricted
+            .then(|| "restricted patient: answered as unknown".to_owned());
+        self.audited_reply(
+            ex,
+            &entry,
             &LocateResponse {
                 custodian: self.ods.clone(),
                 pointers,
                 withheld,
             },
-            now,
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn policy_refusal(
-        &self,
-        protocol: ProtocolId,
-        list: &AcceptedList,
-        requester: &Member,
-        remote: &PeerIdBytes,
-        who: Option<(&RequesterContext, &NhsNumber)>,
-        opened: &Opened,
-        refusal: &Refusal,
-        now: u64,
-    ) -> Inbound {
-        self.refuse(
-            protocol,
-            list,
-            Some(requester),
-            remote,
-            who,
-            opened.hash,
-            refusal.reason(),
-            ErrorCode::Refused,
-            &refusal.to_string(),
-            now,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn answer_fetch(
-        &self,
-        list: &AcceptedList,
-        remote: &PeerIdBytes,
-        local: &Member,
-        requester: &Member,
-        opened: &Opened,
-        request: &FetchRequest,
-        now: u64,
-    ) -> Inbound {
-        let who = Some((&request.context, &request.nhs_number));
-        if let Err((reason, code, detail)) =
-            self.check_request(local, requester, &request.nhs_number, now)
-        {
-            return self.refuse(
-                ProtocolId::Fetch,
-                list,
-                Some(requester),
-                remote,
-                who,
-                opened.hash,
-                reason,
-                code,
-                &detail,
-                now,
-            );
-        }
-        let (records, flags, salt) = match (
-            self.store.patient_records(&request.nhs_number),
-            self.store.flags(&request.nhs_number),
-            self.store.pointer_salt(),
-        ) {
-            (Ok(r), Ok(f), Ok(s)) => (r, f, s),
-            _ => {
-                return self.refuse(
-                    ProtocolId::Fetch,
-                    list,
-                    Some(requester),
-                    remote,
-                    who,
-                    opened.hash,
-                    "internal",
-                    ErrorCode::Internal,
-                    "the node could not read its store",
-                    now,
-                );
-            }
+    fn answer_fetch(&self, ex: &Exchange<'_>, local: &Member, request: &FetchRequest) -> Inbound {
+        let (context, nhs) = (&request.context, &request.nhs_number);
+        let view = match self.patient_view(ex, local, context, nhs) {
+            Ok(view) => view,
+            Err(refusal) => return refusal,
         };
         let disclosure =
-            match policy::disclose(&request.context, &flags, &records, self.policy_settings()) {
+            match policy::disclose(context, &view.flags, &view.records, self.policy_settings()) {
                 Ok(d) => d,
                 Err(refusal) => {
-                    return self.policy_refusal(
-                        ProtocolId::Fetch,
-                        list,
-                        requester,
-                        remote,
-                        who,
-                        opened,
-                        &refusal,
-                        now,
+                    return self.refuse_exchange(
+                        ex,
+                        (context, nhs),
+                        refusal.reason(),
+                        ErrorCode::Refused,
+                        &refusal.to_string(),
                     );
                 }
             };
-        let all: Vec<_> = if flags.restricted {
+        let all: Vec<&StoredRecord> = if view.flags.restricted {
             vec![]
         } else {
-            records.iter().collect()
+            view.records.iter().collect()
         };
         let released_group = pointers::find(
             &self.ods,
-            &salt,
-            &request.nhs_number,
+            &view.salt,
+            nhs,
             &disclosure.released,
             &request.pointer_id,
         );
         let known = released_group.is_some()
-            || pointers::find(
-                &self.ods,
-                &salt,
-                &request.nhs_number,
-                &all,
-                &request.pointer_id,
-            )
-            .is_some()
+            || pointers::find(&self.ods, &view.salt, nhs, &all, &request.pointer_id).is_some()
             || disclosure.withheld.contains(&WithheldReason::Objection);
         if !known {
             // Unknown pointer, unknown patient and restricted patient look alike.
-            return self.refuse(
-                ProtocolId::Fetch,
-                list,
-                Some(requester),
-                remote,
-                who,
-                opened.hash,
+            return self.refuse_exchange(
+                ex,
+                (context, nhs),
                 "not-found",
                 ErrorCode::NotFound,
                 "no records behind that pointer",
-                now,
             );
         }
         if disclosure.emergency {
-            self.emergency_alert(requester, &request.context, "fetch");
+            self.emergency_alert(ex.requester, context, "fetch");
         }
-        let released: Vec<_> = released_group.map(|g| g.records).unwrap_or_default();
+        let released: Vec<&StoredRecord> = released_group.map(|g| g.records).unwrap_or_default();
         let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
-        let entry = AuditEntry {
-            time: now,
-            direction: Direction::Inbound,
-            protocol: "fetch".to_owned(),
-            peer_ods: Some(requester.ods.clone()),
-            peer_id: remote.to_base58(),
-            context: Some(request.context.clone()),
-            nhs_number: Some(request.nhs_number),
-            outcome: outcome_label(!released.is_empty(), !withheld.is_empty()).to_owned(),
-            reason: None,
-            released: released
+        let entry = self.audit_entry(
+            ex,
+            (context, nhs),
+            released
                 .iter()
                 .map(|r| format!("{}@{}", r.key(), r.version))
                 .collect(),
-            withheld: withheld.clone(),
-            request_hash: opened.hash.to_vec(),
-            emergency: disclosure.emergency,
-        };
-        if self.append_audit(&entry).is_err() {
-            return self.reply(
-                ProtocolId::Fetch,
-                list,
-                requester,
-                remote,
-                opened.hash,
-                &ErrorMessage {
-                    code: ErrorCode::Internal,
-                    message: "the node could not write its audit log, so it released nothing"
-                        .to_owned(),
-                    retry_after_ms: Some(1000),
-                },
-                now,
-            );
-        }
-        self.metrics.answered.fetch_add(1, Ordering::Relaxed);
-        self.reply(
-            ProtocolId::Fetch,
-            list,
-            requester,
-            remote,
-            opened.hash,
+            &withheld,
+            disclosure.emergency,
+        );
+        self.audited_reply(
+            ex,
+            &entry,
             &FetchResponse {
                 custodian: self.ods.clone(),
                 records: released
@@ -957,7 +928,6 @@ impl Node {
                     .collect(),
                 withheld,
             },
-            now,
         )
     }
 
