@@ -40,10 +40,19 @@ pub fn open_node(loaded: &LoadedConfig, now: u64) -> Result<Node, OpenError> {
             source,
         })
     };
-    if let Some(root) = &loaded.config.trust.root
-        && node.trust().is_none()
-    {
-        node.install_root(&read(&loaded.resolve(root))?, now)?;
+    if let Some(root) = &loaded.config.trust.root {
+        let bytes = read(&loaded.resolve(root))?;
+        match node.trust() {
+            None => {
+                node.install_root(&bytes, now)?;
+            }
+            // A rotated root dropped into the same file: take it if it is
+            // the next version; the one already held is fine as it is.
+            Some(_) => match node.install_root(&bytes, now) {
+                Ok(_) | Err(NodeError::Trust(TrustError::RootVersionNotNext { .. })) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
     }
     if let Some(list) = &loaded.config.trust.list
         && node.trust().is_some()

@@ -256,6 +256,12 @@ impl PeerIdBytes {
     pub fn to_base58(&self) -> String {
         base58_encode(&self.0)
     }
+
+    /// Parses the base58btc text form, checking it is an Ed25519 PeerId.
+    pub fn from_base58(text: &str) -> Result<Self, KeyError> {
+        let bytes = base58_decode(text).ok_or(KeyError::PeerIdNotEd25519)?;
+        Self::from_slice(&bytes)
+    }
 }
 
 impl fmt::Display for PeerIdBytes {
@@ -315,9 +321,44 @@ fn base58_encode(input: &[u8]) -> String {
     out
 }
 
+/// Decodes bitcoin-alphabet base58; `None` on a character outside it.
+fn base58_decode(text: &str) -> Option<Vec<u8>> {
+    if text.len() > 128 {
+        return None;
+    }
+    let zeros = text.bytes().take_while(|b| *b == b'1').count();
+    // Bytes, least significant first.
+    let mut bytes: Vec<u8> = Vec::with_capacity(text.len());
+    for ch in text.bytes() {
+        let mut carry = u32::try_from(BASE58_ALPHABET.iter().position(|a| *a == ch)?).ok()?;
+        for byte in bytes.iter_mut() {
+            carry += u32::from(*byte) * 58;
+            *byte = (carry & 0xff) as u8;
+            carry >>= 8;
+        }
+        while carry > 0 {
+            bytes.push((carry & 0xff) as u8);
+            carry >>= 8;
+        }
+    }
+    let mut out = vec![0u8; zeros];
+    out.extend(bytes.iter().rev());
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base58_round_trips_peer_ids() {
+        let peer = KeyPair::from_secret_bytes(&[11u8; 32])
+            .public_key()
+            .peer_id();
+        assert_eq!(PeerIdBytes::from_base58(&peer.to_base58()).unwrap(), peer);
+        assert!(PeerIdBytes::from_base58("12D3KooW0OIl").is_err());
+        assert_eq!(base58_decode("1112").unwrap(), vec![0, 0, 0, 1]);
+    }
 
     #[test]
     fn kid_is_truncated_domain_separated_hash() {
