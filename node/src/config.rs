@@ -40,6 +40,38 @@ pub struct NodeConfig {
     pub import: ImportSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub api: ApiSection,
+}
+
+/// The clinical HTTPS API (mutual TLS).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Socket address to serve on, e.g. `0.0.0.0:8443`; unset disables the API.
+    pub listen: Option<String>,
+    /// The node's server certificate and key (PEM).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The CA whose client certificates may call the API (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Requests handled at once.
+    pub max_concurrent: usize,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            cert: None,
+            key: None,
+            client_ca: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            max_concurrent: 128,
+        }
+    }
 }
 
 /// Who this node is.
@@ -376,6 +408,16 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
     {
         return Err("import.max_resource_bytes must be between 1 and 1048576".into());
     }
+    let api = &config.api;
+    if api.listen.is_some() && (api.cert.is_none() || api.key.is_none() || api.client_ca.is_none())
+    {
+        return Err("api.listen needs api.cert, api.key and api.client_ca".into());
+    }
+    if api.max_body_bytes < 1024 || api.max_concurrent == 0 {
+        return Err(
+            "api.max_body_bytes must be at least 1024 and api.max_concurrent at least 1".into(),
+        );
+    }
     for category in config.policy.sensitive_codes.keys() {
         if !SENSITIVE_CATEGORIES.contains(&category.as_str()) {
             return Err(format!(
@@ -460,6 +502,15 @@ checkpoint_every_secs = 60
 [import]
 max_resource_bytes = 262144
 batch_records = 1000
+
+[api]
+# The clinical HTTPS API, mutual TLS only. Unset listen to disable it.
+# listen = "0.0.0.0:8443"
+# cert = "api/cert.pem"
+# key = "api/key.pem"
+# client_ca = "api/client-ca.pem"
+max_body_bytes = 8388608
+max_concurrent = 128
 
 [log]
 # "human" or "json".

@@ -583,6 +583,7 @@ fn run_node(loaded: LoadedConfig) -> Result<ExitCode> {
     let control_path = loaded.resolve(&loaded.config.network.control_socket);
     runtime()?.block_on(async move {
         let handle = daemon::start_network(std::sync::Arc::clone(&node), net_config)?;
+        careweave_node::api::start(&loaded, std::sync::Arc::clone(&node), handle.clone()).await?;
         tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
         let control = tokio::spawn(daemon::serve_control(
             control_path.clone(),

@@ -117,6 +117,8 @@ pub struct VerifiedRecord {
     pub kid: KeyId,
     /// The FHIR resource's JSON bytes, exactly as signed.
     pub json: Vec<u8>,
+    /// The whole custodian-signed record (COSE_Sign1) as it travelled.
+    pub signed: Vec<u8>,
 }
 
 fn header_text(value: &Option<String>, what: &str) -> Result<String, RecordError> {
@@ -178,5 +180,6 @@ pub fn verify_record(bytes: &[u8], trust: &AcceptedList) -> Result<VerifiedRecor
         label,
         kid: header.kid,
         json: sign1.payload,
+        signed: bytes.to_vec(),
     })
 }
