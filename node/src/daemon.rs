@@ -297,3 +297,72 @@ pub async fn watch_trust_file(loaded: LoadedConfig, handle: NetworkHandle, node:
         }
     }
 }
+
+/// Why `run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Open(#[from] crate::opening::OpenError),
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    #[error("clinical API: {0}")]
+    Api(#[from] crate::api::ApiError),
+    #[error("runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a node until SIGINT or SIGTERM: network, clinical API, control
+/// socket and trust-file watcher. `careweave-node run` and the testnet use it.
+pub fn run(loaded: LoadedConfig) -> Result<(), RunError> {
+    // Two rustls providers in the tree make rustls panic unless one is chosen.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let net_config = net_config(&loaded.config).map_err(RunError::Config)?;
+    // A command such as `status` may hold the store for a moment; wait for
+    // it briefly rather than fail, but never for long.
+    let mut attempts = 0;
+    let node = loop {
+        match crate::opening::open_node(&loaded, net::unix_now()) {
+            Ok(node) => break Arc::new(node),
+            Err(crate::opening::OpenError::Store(crate::store::StoreError::Locked { .. }))
+                if attempts < 50 =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(reason) = node.not_ready_reason(net::unix_now()) {
+        tracing::warn!(%reason, "starting, but not ready to answer");
+    }
+    let control_path = loaded.resolve(&loaded.config.network.control_socket);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let handle = start_network(Arc::clone(&node), net_config)?;
+        crate::api::start(&loaded, Arc::clone(&node), handle.clone()).await?;
+        tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
+        let control = tokio::spawn(serve_control(control_path.clone(), handle.clone(), Arc::clone(&node)));
+        tokio::spawn(watch_trust_file(loaded.clone(), handle.clone(), Arc::clone(&node)));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let result = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); Ok(()) }
+            _ = term.recv() => { tracing::info!("terminated; stopping"); Ok(()) }
+            result = control => match result {
+                Ok(Err(source)) => Err(RunError::Control { path: control_path.display().to_string(), source }),
+                _ => Ok(()),
+            }
+        };
+        let _ = node.audit.checkpoint(net::unix_now());
+        let _ = std::fs::remove_file(&control_path);
+        result
+    })
+}

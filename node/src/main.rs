@@ -559,56 +559,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_node(loaded: LoadedConfig) -> Result<ExitCode> {
-    // Two rustls providers in the tree make rustls panic unless one is chosen.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let net_config = daemon::net_config(&loaded.config).map_err(anyhow::Error::msg)?;
-    // A command such as `status` may hold the store for a moment; wait for
-    // it briefly rather than fail, but never for long.
-    let mut attempts = 0;
-    let node = loop {
-        match opening::open_node(&loaded, now()) {
-            Ok(node) => break std::sync::Arc::new(node),
-            Err(opening::OpenError::Store(careweave_node::store::StoreError::Locked {
-                ..
-            })) if attempts < 50 => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    if let Some(reason) = node.not_ready_reason(now()) {
-        tracing::warn!(%reason, "starting, but not ready to answer");
-    }
-    let control_path = loaded.resolve(&loaded.config.network.control_socket);
-    runtime()?.block_on(async move {
-        let handle = daemon::start_network(std::sync::Arc::clone(&node), net_config)?;
-        careweave_node::api::start(&loaded, std::sync::Arc::clone(&node), handle.clone()).await?;
-        tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
-        let control = tokio::spawn(daemon::serve_control(
-            control_path.clone(),
-            handle.clone(),
-            std::sync::Arc::clone(&node),
-        ));
-        tokio::spawn(daemon::watch_trust_file(
-            loaded.clone(),
-            handle.clone(),
-            std::sync::Arc::clone(&node),
-        ));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-            _ = term.recv() => tracing::info!("terminated; stopping"),
-            result = control => {
-                if let Ok(Err(e)) = result {
-                    anyhow::bail!("control socket {}: {e}", control_path.display());
-                }
-            }
-        }
-        let _ = node.audit.checkpoint(now());
-        let _ = std::fs::remove_file(&control_path);
-        Ok(ExitCode::SUCCESS)
-    })
+    daemon::run(loaded)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn context(loaded: &LoadedConfig, args: &RequesterArgs) -> Result<RequesterContext> {

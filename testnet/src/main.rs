@@ -1,0 +1,400 @@
+//! `careweave-testnet`: start, inspect and stop local careweave networks,
+//! and run the guided demo.
+
+#![forbid(unsafe_code)]
+// serde_json's `Value[&str]` answers Null for anything missing; it never panics.
+#![allow(clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use careweave_testnet::client::ApiClient;
+use careweave_testnet::data;
+use careweave_testnet::setup::{self, Options, Testnet};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+/// Local careweave networks: real node processes, keys, a co-signed trust
+/// list, mutual TLS and synthetic patients.
+#[derive(Debug, Parser)]
+#[command(name = "careweave-testnet", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Bring up five ICBs in a temporary directory, show what careweave
+    /// does through one node's clinical API, and stop everything.
+    Demo,
+    /// Build a testnet and start its nodes.
+    Up(UpArgs),
+    /// Show each node of a running testnet.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop every node of a testnet (also after an interrupted `up`).
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Run one node (used by `up`; not for people).
+    #[command(hide = true)]
+    NodeRun {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct UpArgs {
+    /// Number of ICB nodes (1 to 42).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    #[arg(long)]
+    dir: PathBuf,
+    /// Synthetic patients per ICB.
+    #[arg(long, default_value_t = 50)]
+    patients: u32,
+    /// Seed for the synthetic data.
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::NodeRun { config } => {
+            let loaded = careweave_node::config::load(&config, std::env::vars())?;
+            let filter = tracing_subscriber::EnvFilter::try_new(&loaded.config.log.level)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+            careweave_node::daemon::run(loaded)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(args) => {
+            let options = Options {
+                nodes: args.nodes,
+                patients_per_icb: args.patients,
+                seed: args.seed,
+            };
+            let t = up(&args.dir, &options)?;
+            println!(
+                "testnet of {} ICBs running in {}",
+                t.nodes.len(),
+                args.dir.display()
+            );
+            for n in &t.nodes {
+                println!(
+                    "  {:<6} {:<55} API https://127.0.0.1:{}",
+                    n.ods, n.name, n.api_port
+                );
+            }
+            println!("try:");
+            println!(
+                "  careweave-node --config {} locate {} --user 555021935107 --role-profile 555021936108 --role-code R8000",
+                t.nodes[0].config().display(),
+                t.demo.shared
+            );
+            println!("  careweave-testnet status --dir {}", args.dir.display());
+            println!("  careweave-testnet down --dir {}", args.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { dir } => {
+            let t = setup::load(&dir)?;
+            let rt = runtime()?;
+            let mut all = true;
+            for n in &t.nodes {
+                let status = rt.block_on(setup::node_status(n));
+                let text = match status {
+                    Some((connected, ready)) => format!(
+                        "running, {connected} peer(s), {}",
+                        if ready { "ready" } else { "NOT ready" }
+                    ),
+                    None => {
+                        all = false;
+                        "not running".to_owned()
+                    }
+                };
+                println!("  {:<6} {:<55} {text}", n.ods, n.name);
+            }
+            Ok(if all {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Command::Down { dir } => {
+            let stopped = setup::stop_all(&dir);
+            println!("stopped {stopped} node process(es) in {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo(),
+    }
+}
+
+fn up(dir: &Path, options: &Options) -> Result<Testnet> {
+    let icbs = data::icbs_2022();
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let t = setup::build(dir, &icbs, options, &|step| {
+        bar.set_message(step.to_owned())
+    })?;
+    bar.set_message("starting node processes");
+    setup::start_all(&t)?;
+    bar.set_message("waiting for every node to hold the list and connect to every other");
+    let connected = runtime()?.block_on(setup::wait_connected(&t, Duration::from_secs(60)));
+    bar.finish_and_clear();
+    if let Err(e) = connected {
+        setup::stop_all(dir);
+        bail!("{e}");
+    }
+    Ok(t)
+}
+
+const RID: &str = "7d3e1f52-8a4b-4c6d-9e0f-1a2b3c4d5e6f";
+
+fn headers(emergency: Option<&'static str>) -> Vec<(&'static str, &'static str)> {
+    let mut h = vec![
+        ("X-Request-ID", RID),
+        ("NHSD-End-User-Organisation-ODS", "QHG"),
+        ("NHSD-User-ID", "555021935107"),
+        ("NHSD-Session-URID", "555021936108"),
+        ("NHSD-Role-Code", "R8000"),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    if let Some(reason) = emergency {
+        h.push(("NHSD-Purpose-Of-Use", "ETREAT"));
+        h.push(("NHSD-Break-Glass-Reason", reason));
+    }
+    h
+}
+
+fn search_body(nhs: &careweave_protocol::NhsNumber) -> Vec<u8> {
+    format!(
+        "subject%3Aidentifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C{}",
+        nhs.digits()
+    )
+    .into_bytes()
+}
+
+/// Per ICB in a searchset: how many pointers, and any outcome text.
+fn summarise(bundle: &Value) -> (Vec<(String, usize)>, Vec<String>) {
+    let mut per_icb: Vec<(String, usize)> = Vec::new();
+    let mut outcomes = Vec::new();
+    for e in bundle["entry"].as_array().into_iter().flatten() {
+        if e["search"]["mode"] == "match" {
+            let ods = e["resource"]["custodian"]["identifier"]["value"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned();
+            match per_icb.iter_mut().find(|(o, _)| *o == ods) {
+                Some((_, n)) => *n += 1,
+                None => per_icb.push((ods, 1)),
+            }
+        } else if let Some(text) = e["resource"]["issue"][0]["diagnostics"].as_str() {
+            outcomes.push(text.to_owned());
+        }
+    }
+    (per_icb, outcomes)
+}
+
+fn demo() -> Result<ExitCode> {
+    let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("careweave-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("careweave demo: five ICBs on this machine, each its own process, talking over");
+    println!(
+        "mutually authenticated libp2p under a co-signed trust list. Synthetic patients only."
+    );
+    println!();
+    let t = up(
+        &dir,
+        &Options {
+            nodes: 5,
+            patients_per_icb: 20,
+            seed: 2026,
+        },
+    )?;
+    let result = runtime()?.block_on(demo_story(&t));
+    setup::stop_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    println!("{report}");
+    println!(
+        "All five nodes stopped. Demo took {:.1} s.",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo_story(t: &Testnet) -> Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let asker = &t.nodes[0];
+    let client = ApiClient::new(
+        &t.dir.join("api-ca/ca.pem"),
+        &t.dir.join("api-ca/client/cert.pem"),
+        &t.dir.join("api-ca/client/key.pem"),
+    )
+    .map_err(anyhow::Error::msg)?;
+    writeln!(
+        out,
+        "Network up: {}.",
+        t.nodes
+            .iter()
+            .map(|n| format!("{} {}", n.ods, n.name))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )?;
+    writeln!(
+        out,
+        "A clinician at {} asks through {}'s clinical API (HTTPS, client certificate).",
+        asker.name, asker.ods
+    )?;
+    writeln!(out)?;
+
+    // 1. A patient with records in three ICBs.
+    let search = |nhs: careweave_protocol::NhsNumber, emergency: Option<&'static str>| {
+        let client = client.clone();
+        let port = asker.api_port;
+        async move {
+            let answer = client
+                .call(
+                    port,
+                    "POST",
+                    "/fhir/DocumentReference/_search",
+                    &headers(emergency),
+                    search_body(&nhs),
+                )
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if answer.status != 200 {
+                bail!(
+                    "search answered {}: {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                );
+            }
+            Ok::<Value, anyhow::Error>(answer.json())
+        }
+    };
+    let bundle = search(t.demo.shared, None).await?;
+    let (per_icb, outcomes) = summarise(&bundle);
+    writeln!(out, "1. Where does patient {} have records?", t.demo.shared)?;
+    for (ods, n) in &per_icb {
+        let name = t
+            .nodes
+            .iter()
+            .find(|x| &x.ods == ods)
+            .map_or("", |x| x.name.as_str());
+        writeln!(out, "   {ods:<6} {name}: {n} pointer(s)")?;
+    }
+    for o in &outcomes {
+        writeln!(out, "   note: {o}")?;
+    }
+    if per_icb.len() != 3 {
+        bail!("expected records at three ICBs, found {}", per_icb.len());
+    }
+
+    // 2. Fetch one pointer's records, provenance checked.
+    let pointer = bundle["entry"]
+        .as_array()
+        .and_then(|e| e.iter().find(|x| x["search"]["mode"] == "match"))
+        .and_then(|x| x["resource"]["id"].as_str())
+        .context("no pointer to fetch")?
+        .to_owned();
+    let fetched = client
+        .call(
+            asker.api_port,
+            "GET",
+            &format!("/fhir/DocumentReference/{pointer}/$records"),
+            &headers(None),
+            vec![],
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let records = fetched.json()["entry"].as_array().map_or(0, Vec::len);
+    if fetched.status != 200 || records == 0 {
+        bail!("fetch answered {} with {records} records", fetched.status);
+    }
+    writeln!(
+        out,
+        "2. Opened pointer {pointer}: {records} record(s), each custodian's signature checked before it was shown."
+    )?;
+
+    // 3. Objection.
+    let bundle = search(t.demo.objecting, None).await?;
+    let (_, outcomes) = summarise(&bundle);
+    let objection = outcomes
+        .iter()
+        .find(|o| o.contains("objected"))
+        .context("the objection was not visible")?;
+    writeln!(
+        out,
+        "3. Patient {} objected to sharing at {}: {objection}",
+        t.demo.objecting, t.nodes[1].ods
+    )?;
+
+    // 4. Restricted patient: answers exactly like an unknown one.
+    let bundle = search(t.demo.restricted, None).await?;
+    let (per_icb, outcomes) = summarise(&bundle);
+    if !per_icb.is_empty() || !outcomes.is_empty() {
+        bail!("the restricted patient was visible: {per_icb:?} {outcomes:?}");
+    }
+    writeln!(
+        out,
+        "4. Patient {} is restricted at {}: the search shows nothing at all, exactly as for a patient nobody holds.",
+        t.demo.restricted, t.nodes[2].ods
+    )?;
+
+    // 5. Emergency access, with its reason and alert.
+    let reason = "Unconscious patient in the emergency department";
+    let bundle = search(t.demo.shared, Some(reason)).await?;
+    let (per_icb, _) = summarise(&bundle);
+    let custodian = &t.nodes[1];
+    let metrics = client
+        .call(custodian.api_port, "GET", "/metrics", &[], vec![])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let alerts = text
+        .lines()
+        .find(|l| l.starts_with("careweave_emergency_access_total "))
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or("0")
+        .to_owned();
+    if alerts == "0" {
+        bail!("no emergency alert was raised at {}", custodian.ods);
+    }
+    writeln!(
+        out,
+        "5. Emergency access (\"{reason}\"): {} ICB(s) answered; {} raised an alert (emergency accesses so far: {alerts}), and both ends audited the reason.",
+        per_icb.len(),
+        custodian.ods
+    )?;
+    Ok(out)
+}

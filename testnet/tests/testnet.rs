@@ -1,0 +1,113 @@
+//! The testnet as testers and newcomers use it: `demo`, and `up`, `status`,
+//! `down` with three nodes, leaving no processes behind.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_careweave-testnet");
+
+#[test]
+fn the_demo_tells_its_story_and_exits_zero() {
+    let out = Command::new(BIN).arg("demo").output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for fact in [
+        "1. Where does patient 999 000 0018 have records?",
+        "each custodian's signature checked",
+        "the patient has objected to sharing",
+        "exactly as for a patient nobody holds",
+        "raised an alert",
+        "All five nodes stopped.",
+    ] {
+        assert!(report.contains(fact), "missing {fact:?} in:\n{report}");
+    }
+    // Three ICBs hold the shared patient's records.
+    let section = report
+        .split("1. ")
+        .nth(1)
+        .unwrap()
+        .split("2. ")
+        .next()
+        .unwrap();
+    assert_eq!(section.matches("pointer(s)").count(), 3, "{section}");
+}
+
+fn pids(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("nodes"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("node.pid")).ok())
+        .map(|p| p.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn up_status_down_with_three_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let up = Command::new(BIN)
+        .args(["up", "--nodes", "3", "--patients", "5", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let text = String::from_utf8_lossy(&up.stdout);
+    assert!(text.contains("testnet of 3 ICBs running"), "{text}");
+    let running = pids(&net);
+    assert_eq!(running.len(), 3);
+    let status = Command::new(BIN)
+        .args(["status", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert_eq!(
+        text.matches("running, 2 peer(s), ready").count(),
+        3,
+        "{text}"
+    );
+    // A second `up` into the same directory refuses.
+    let again = Command::new(BIN)
+        .args(["up", "--nodes", "3", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let down = Command::new(BIN)
+        .args(["down", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(down.status.success());
+    assert!(String::from_utf8_lossy(&down.stdout).contains("stopped 3"));
+    for pid in running {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.split(") ").nth(1).unwrap_or("");
+        assert!(
+            stat.is_empty() || state.starts_with('Z'),
+            "process {pid} left behind: {stat}"
+        );
+    }
+    // Down again is harmless.
+    let down = Command::new(BIN)
+        .args(["down", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(down.status.success());
+}
