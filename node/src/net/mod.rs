@@ -205,8 +205,27 @@ impl NetworkHandle {
     }
 
     /// Sends signed bytes and waits for the answer, at most the deadline.
+    /// A request to this node itself is answered here, through the same
+    /// checks, policy and audit as any other.
     async fn exchange(&self, request: &OutboundRequest) -> Result<Vec<u8>, FetchFailure> {
         let ods = request.peer_ods.to_string();
+        if &request.peer_id == self.node.peer_id() {
+            let node = Arc::clone(&self.node);
+            let (protocol, bytes, own) = (
+                request.protocol,
+                request.bytes.clone(),
+                request.peer_id.clone(),
+            );
+            let answer = tokio::task::spawn_blocking(move || {
+                node.handle_request(protocol, &bytes, &own, unix_now())
+            })
+            .await
+            .map_err(|e| FetchFailure::Unreachable(ods.clone(), e.to_string()))?;
+            return match answer {
+                Inbound::Reply(bytes) => Ok(bytes),
+                Inbound::Drop(reason) => Err(FetchFailure::Unreachable(ods, reason)),
+            };
+        }
         let peer = to_libp2p(&request.peer_id)
             .ok_or_else(|| FetchFailure::Unreachable(ods.clone(), "bad PeerId".into()))?;
         let (reply, rx) = oneshot::channel();
@@ -259,15 +278,17 @@ impl NetworkHandle {
         let now = unix_now();
         let list = self.node.current_list(now).ok_or(NetError::Busy)?;
         let connected = self.connected().await?;
-        let providers: Vec<_> = providers(&list, self.node.ods(), now);
+        let providers: Vec<_> = providers(&list, now);
         let mut tasks = Vec::with_capacity(providers.len());
         for (ods, name, peer) in providers {
             let handle = self.clone();
             let request = request.clone();
-            let is_connected = peer
-                .as_ref()
-                .and_then(to_libp2p)
-                .is_some_and(|p| connected.contains(&p));
+            let own = peer.as_ref() == Some(self.node.peer_id());
+            let is_connected = own
+                || peer
+                    .as_ref()
+                    .and_then(to_libp2p)
+                    .is_some_and(|p| connected.contains(&p));
             tasks.push(tokio::spawn(async move {
                 let outcome = handle.locate_one(&ods, request, is_connected).await;
                 IcbResult { ods, name, outcome }
@@ -362,16 +383,13 @@ impl NetworkHandle {
     }
 }
 
-/// Active providers other than us: ODS, name and PeerId.
-fn providers(
-    list: &AcceptedList,
-    us: &OdsCode,
-    now: u64,
-) -> Vec<(OdsCode, String, Option<PeerIdBytes>)> {
+/// Active providers, this node included (its own records are part of a
+/// national answer): ODS, name and PeerId.
+fn providers(list: &AcceptedList, now: u64) -> Vec<(OdsCode, String, Option<PeerIdBytes>)> {
     list.list()
         .members
         .iter()
-        .filter(|m| &m.ods != us && m.is_active_at(now) && m.has_role(Role::Provider))
+        .filter(|m| m.is_active_at(now) && m.has_role(Role::Provider))
         .map(|m| {
             (
                 m.ods.clone(),
@@ -416,7 +434,12 @@ pub struct EventLoop {
     finished: mpsc::Receiver<Finished>,
     validated_tx: mpsc::Sender<Validated>,
     validated: mpsc::Receiver<Validated>,
-    pending: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Vec<u8>, String>>>,
+    /// Outbound requests awaiting answers. Request ids are counted per
+    /// protocol behaviour, so the protocol is part of the key.
+    pending: HashMap<
+        (ProtocolId, request_response::OutboundRequestId),
+        oneshot::Sender<Result<Vec<u8>, String>>,
+    >,
     allowed: HashSet<PeerId>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     redial: HashMap<PeerId, (u32, Instant)>,
@@ -693,7 +716,7 @@ impl EventLoop {
                     ProtocolId::Fetch => behaviour.fetch.send_request(&peer, bytes),
                     ProtocolId::Trust => behaviour.trust.send_request(&peer, bytes),
                 };
-                self.pending.insert(id, reply);
+                self.pending.insert((protocol, id), reply);
             }
             Command::Connected { reply } => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -809,10 +832,11 @@ impl EventLoop {
 
     fn on_response(
         &mut self,
+        protocol: ProtocolId,
         id: request_response::OutboundRequestId,
         result: Result<Vec<u8>, String>,
     ) {
-        if let Some(reply) = self.pending.remove(&id) {
+        if let Some(reply) = self.pending.remove(&(protocol, id)) {
             let _ = reply.send(result);
         }
     }
@@ -840,7 +864,7 @@ impl EventLoop {
             .behaviour_mut()
             .trust
             .send_request(&peer, outbound.bytes.clone());
-        self.pending.insert(id, reply);
+        self.pending.insert((ProtocolId::Trust, id), reply);
         let validated = self.validated_tx.clone();
         tokio::spawn(async move {
             let Ok(Ok(bytes)) = rx.await else { return };
@@ -968,10 +992,10 @@ impl EventLoop {
                         response,
                     },
                 ..
-            } => self.on_response(request_id, Ok(response)),
+            } => self.on_response(protocol, request_id, Ok(response)),
             Event::OutboundFailure {
                 request_id, error, ..
-            } => self.on_response(request_id, Err(error.to_string())),
+            } => self.on_response(protocol, request_id, Err(error.to_string())),
             Event::InboundFailure { peer, error, .. } => {
                 tracing::info!(%peer, %error, "inbound request refused or failed");
                 let reason = if error.to_string().contains("over the limit") {
