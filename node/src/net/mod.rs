@@ -424,6 +424,9 @@ enum Validated {
     TrustPulled,
 }
 
+/// Where the answer to an outbound request goes.
+type AnswerSender = oneshot::Sender<Result<Vec<u8>, String>>;
+
 /// The task that owns the swarm.
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -436,10 +439,7 @@ pub struct EventLoop {
     validated: mpsc::Receiver<Validated>,
     /// Outbound requests awaiting answers. Request ids are counted per
     /// protocol behaviour, so the protocol is part of the key.
-    pending: HashMap<
-        (ProtocolId, request_response::OutboundRequestId),
-        oneshot::Sender<Result<Vec<u8>, String>>,
-    >,
+    pending: HashMap<(ProtocolId, request_response::OutboundRequestId), AnswerSender>,
     allowed: HashSet<PeerId>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     redial: HashMap<PeerId, (u32, Instant)>,
