@@ -59,6 +59,10 @@ pub struct ApiSection {
     pub max_body_bytes: usize,
     /// Requests handled at once.
     pub max_concurrent: usize,
+    /// A client certificate and key (from the same CA) the command line
+    /// uses to reach the running node through this API.
+    pub cli_cert: Option<PathBuf>,
+    pub cli_key: Option<PathBuf>,
 }
 
 impl Default for ApiSection {
@@ -70,6 +74,8 @@ impl Default for ApiSection {
             client_ca: None,
             max_body_bytes: 8 * 1024 * 1024,
             max_concurrent: 128,
+            cli_cert: None,
+            cli_key: None,
         }
     }
 }
@@ -511,6 +517,11 @@ batch_records = 1000
 # client_ca = "api/client-ca.pem"
 max_body_bytes = 8388608
 max_concurrent = 128
+# An admin client certificate the careweave-node command line uses to talk
+# to the running node through this API (locate, fetch, status, import,
+# patient flag). Without it the command line uses the local control socket.
+# cli_cert = "api/cli-cert.pem"
+# cli_key = "api/cli-key.pem"
 
 [log]
 # "human" or "json".

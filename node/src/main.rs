@@ -326,7 +326,108 @@ fn open_node(loaded: &LoadedConfig) -> Result<Node> {
     Ok(opening::open_node(loaded, now())?)
 }
 
+/// Import while the node runs: each input goes to POST /fhir as batch
+/// Bundles (NDJSON in Bundles of 500 lines); the node holds the store.
+fn import_via_api(loaded: &LoadedConfig, api: &RunningApi, args: &ImportArgs) -> Result<ExitCode> {
+    let mut rejected = 0;
+    let mut stored = 0;
+    for file in &args.files {
+        let name = file.display().to_string();
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
+        let bundles: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text)
+        {
+            Ok(mut value)
+                if value
+                    .get("resourceType")
+                    .and_then(serde_json::Value::as_str)
+                    == Some("Bundle") =>
+            {
+                if value.get("type").and_then(serde_json::Value::as_str) == Some("collection")
+                    && let Some(kind) = value.get_mut("type")
+                {
+                    *kind = serde_json::json!("batch");
+                }
+                vec![value]
+            }
+            Ok(value) => vec![
+                serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": [{"resource": value}]}),
+            ],
+            Err(_) => {
+                let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+                let mut out = Vec::new();
+                for chunk in lines.chunks(500) {
+                    let entries: Vec<serde_json::Value> = chunk
+                        .iter()
+                        .map(|l| {
+                            serde_json::from_str::<serde_json::Value>(l)
+                                .map(|r| serde_json::json!({"resource": r}))
+                        })
+                        .collect::<Result<_, _>>()
+                        .with_context(|| format!("{name}: a line is not JSON"))?;
+                    out.push(serde_json::json!({"resourceType": "Bundle", "type": "batch", "entry": entries}));
+                }
+                out
+            }
+        };
+        // The operator loading records is the requester: this node's ICB and the OS user.
+        let operator = RequesterArgs {
+            user: std::env::var("USER").unwrap_or_else(|_| "operator".to_owned()),
+            role_profile: "careweave-node-cli".to_owned(),
+            role_code: "operator".to_owned(),
+            purpose: "TREAT".to_owned(),
+            reason: None,
+            relationship: "record-load".to_owned(),
+            organisation: None,
+            json: false,
+        };
+        let mut headers = api_headers(&context(loaded, &operator)?);
+        headers.retain(|(k, _)| k != "Content-Type");
+        headers.push((
+            "Content-Type".to_owned(),
+            "application/fhir+json".to_owned(),
+        ));
+        for bundle in bundles {
+            let answer = call_api(api, "POST", "/fhir", &headers, serde_json::to_vec(&bundle)?)?;
+            if answer.status != 200 {
+                return Err(api_error(&answer).context(name.clone()));
+            }
+            for (i, e) in answer
+                .json()
+                .get("entry")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let status = e
+                    .pointer("/response/status")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("");
+                if status.starts_with('2') {
+                    stored += 1;
+                } else {
+                    rejected += 1;
+                    let reason = e
+                        .pointer("/response/outcome/issue/0/diagnostics")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or(status);
+                    println!("rejected {name} entry[{i}]: {reason}");
+                }
+            }
+        }
+    }
+    println!("stored or replaced {stored}, rejected {rejected} (through the running node)");
+    Ok(if rejected == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
 fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
+    if let Some(api) = running_api(loaded)? {
+        return import_via_api(loaded, &api, &args);
+    }
     let keys = NodeKeys::load(&loaded.keys_dir())?;
     let store = Store::open(
         &loaded.store_dir(),
@@ -414,6 +515,22 @@ fn flag(loaded: &LoadedConfig, args: FlagArgs) -> Result<ExitCode> {
     if loaded.config.node.testnet && !nhs.is_test_range() {
         bail!("this is a testnet node: NHS numbers must be in 999 000 0000 - 999 999 9999");
     }
+    if let Some(api) = running_api(loaded)? {
+        // Through the running node, the flags given are the patient's flags.
+        let body = serde_json::json!({
+            "restricted": args.restricted,
+            "objection": args.objection,
+            "reason": args.reason,
+        });
+        let path = format!("/admin/patients/{}/flags", nhs.digits());
+        let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
+        let answer = call_api(&api, "PUT", &path, &headers, body.to_string().into_bytes())?;
+        if answer.status != 200 {
+            return Err(api_error(&answer));
+        }
+        println!("patient {nhs}: {}", answer.json());
+        return Ok(ExitCode::SUCCESS);
+    }
     let store = Store::open(
         &loaded.store_dir(),
         loaded.config.store.cache_mb * 1024 * 1024,
@@ -472,6 +589,15 @@ fn audit_export(loaded: &LoadedConfig, nhs_number: &str) -> Result<ExitCode> {
 }
 
 fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
+    if let Some(api) = running_api(loaded)? {
+        let answer = call_api(&api, "GET", "/admin/status", &[], vec![])?;
+        if answer.status != 200 {
+            return Err(api_error(&answer));
+        }
+        println!("{}", serde_json::to_string_pretty(&answer.json())?);
+        let _ = json;
+        return Ok(ExitCode::SUCCESS);
+    }
     // A running node holds the store; ask it through its control socket.
     let socket = loaded.resolve(&loaded.config.network.control_socket);
     if socket.exists()
@@ -614,6 +740,10 @@ fn ask(loaded: &LoadedConfig, request: &ControlRequest) -> Result<ControlRespons
 
 fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
     let nhs_number = NhsNumber::parse(&args.nhs_number)?;
+    if let Some(api) = running_api(loaded)? {
+        let context = context(loaded, &args.requester)?;
+        return locate_via_api(&api, &nhs_number, &context, args.requester.json);
+    }
     let request = ControlRequest::Locate {
         nhs_number,
         context: context(loaded, &args.requester)?,
@@ -676,6 +806,16 @@ fn withheld_text(reasons: &[careweave_protocol::message::WithheldReason]) -> Str
 
 fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
     let nhs_number = NhsNumber::parse(&args.nhs_number)?;
+    if let Some(api) = running_api(loaded)? {
+        let context = context(loaded, &args.requester)?;
+        let path = format!("/fhir/DocumentReference/{}/$records", args.pointer);
+        let answer = call_api(&api, "GET", &path, &api_headers(&context), vec![])?;
+        if answer.status != 200 {
+            return Err(api_error(&answer));
+        }
+        println!("{}", serde_json::to_string_pretty(&answer.json())?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let request = ControlRequest::Fetch {
         nhs_number,
         pointer_id: args.pointer.clone(),
@@ -711,4 +851,168 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
         ControlResponse::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer from the node: {other:?}"),
     }
+}
+
+/// The running node's clinical API, when the config names a command-line
+/// client certificate and the node is running.
+struct RunningApi {
+    client: careweave_node::api::client::ApiClient,
+    port: u16,
+}
+
+fn running_api(loaded: &LoadedConfig) -> Result<Option<RunningApi>> {
+    let api = &loaded.config.api;
+    let (Some(listen), Some(cert), Some(key), Some(ca)) =
+        (&api.listen, &api.cli_cert, &api.cli_key, &api.client_ca)
+    else {
+        return Ok(None);
+    };
+    if !loaded
+        .resolve(&loaded.config.network.control_socket)
+        .exists()
+    {
+        return Ok(None);
+    }
+    let port: u16 = listen
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("api.listen {listen:?} has no port"))?;
+    let client = careweave_node::api::client::ApiClient::new(
+        &loaded.resolve(ca),
+        &loaded.resolve(cert),
+        &loaded.resolve(key),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("api.cli_cert")?;
+    Ok(Some(RunningApi { client, port }))
+}
+
+fn api_headers(context: &RequesterContext) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("X-Request-ID".to_owned(), context.request_id.clone()),
+        (
+            "NHSD-End-User-Organisation-ODS".to_owned(),
+            context.organisation.to_string(),
+        ),
+        ("NHSD-User-ID".to_owned(), context.user_id.clone()),
+        (
+            "NHSD-Session-URID".to_owned(),
+            context.role_profile_id.clone(),
+        ),
+        ("NHSD-Role-Code".to_owned(), context.role_code.clone()),
+        (
+            "NHSD-Legitimate-Relationship".to_owned(),
+            context.relationship.clone(),
+        ),
+        (
+            "NHSD-Purpose-Of-Use".to_owned(),
+            if context.purpose == Purpose::EmergencyTreat {
+                "ETREAT"
+            } else {
+                "TREAT"
+            }
+            .to_owned(),
+        ),
+        (
+            "Content-Type".to_owned(),
+            "application/x-www-form-urlencoded".to_owned(),
+        ),
+    ];
+    if let Some(reason) = &context.break_glass_reason {
+        h.push(("NHSD-Break-Glass-Reason".to_owned(), reason.clone()));
+    }
+    h
+}
+
+fn call_api(
+    api: &RunningApi,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> Result<careweave_node::api::client::Answer> {
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    runtime()?
+        .block_on(api.client.call(api.port, method, path, &headers, body))
+        .map_err(anyhow::Error::msg)
+        .context("the running node's clinical API")
+}
+
+fn api_error(answer: &careweave_node::api::client::Answer) -> anyhow::Error {
+    let json = answer.json();
+    let text = json
+        .get("issue")
+        .and_then(|i| i.get(0))
+        .and_then(|i| i.get("diagnostics"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&answer.body).into_owned());
+    anyhow::anyhow!("the node answered {}: {text}", answer.status)
+}
+
+/// Locate through the API: a FHIR searchset, shown as a table per ICB.
+fn locate_via_api(
+    api: &RunningApi,
+    nhs: &NhsNumber,
+    context: &RequesterContext,
+    json: bool,
+) -> Result<ExitCode> {
+    let body = format!(
+        "subject%3Aidentifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C{}",
+        nhs.digits()
+    );
+    let answer = call_api(
+        api,
+        "POST",
+        "/fhir/DocumentReference/_search",
+        &api_headers(context),
+        body.into_bytes(),
+    )?;
+    if answer.status != 200 {
+        return Err(api_error(&answer));
+    }
+    let bundle = answer.json();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&bundle)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Records for NHS number {nhs}:");
+    let entries = bundle
+        .get("entry")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for e in &entries {
+        let r = e.get("resource").cloned().unwrap_or_default();
+        if e.pointer("/search/mode")
+            .and_then(serde_json::Value::as_str)
+            == Some("match")
+        {
+            println!(
+                "  {:<6} {}  {}",
+                r.pointer("/custodian/identifier/value")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or(""),
+                r.get("id")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or(""),
+                r.get("description")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("")
+            );
+        } else if let Some(text) = r
+            .pointer("/issue/0/diagnostics")
+            .and_then(serde_json::Value::as_str)
+        {
+            println!("  note: {text}");
+        }
+    }
+    if entries.is_empty() {
+        println!("  no ICB holds records it may share");
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -295,3 +295,172 @@ fn two_operators_run_nodes_that_find_each_others_records() {
         "a suspended ICB is not asked; only this node's own records remain"
     );
 }
+
+/// A CA, a server certificate for 127.0.0.1 and an admin client certificate.
+fn api_pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "operator CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    std::fs::create_dir_all(dir.join("api")).unwrap();
+    std::fs::write(dir.join("api/ca.pem"), ca_cert.pem()).unwrap();
+    for (name, sans, client) in [
+        (
+            "server",
+            vec![SanType::IpAddress("127.0.0.1".parse().unwrap())],
+            false,
+        ),
+        (
+            "cli",
+            vec![SanType::URI("urn:careweave:role:admin".try_into().unwrap())],
+            true,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans;
+        p.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("api/{name}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("api/{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn the_command_line_uses_the_running_nodes_api_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_port, b_port, api_port) = (free_port(), free_port(), free_port());
+    let a = init(&dir.path().join("qhg"), "QHG", a_port);
+    let b = init(&dir.path().join("que"), "QUE", b_port);
+    api_pki(&dir.path().join("qhg"));
+    let text = std::fs::read_to_string(&a)
+        .unwrap()
+        .replace(
+            "# listen = \"0.0.0.0:8443\"",
+            &format!("listen = \"127.0.0.1:{api_port}\""),
+        )
+        .replace(
+            "# cert = \"api/cert.pem\"",
+            "cert = \"api/server-cert.pem\"",
+        )
+        .replace("# key = \"api/key.pem\"", "key = \"api/server-key.pem\"")
+        .replace(
+            "# client_ca = \"api/client-ca.pem\"",
+            "client_ca = \"api/ca.pem\"",
+        )
+        .replace(
+            "# cli_cert = \"api/cli-cert.pem\"",
+            "cli_cert = \"api/cli-cert.pem\"",
+        )
+        .replace(
+            "# cli_key = \"api/cli-key.pem\"",
+            "cli_key = \"api/cli-key.pem\"",
+        );
+    std::fs::write(&a, text).unwrap();
+    let mut coordinator = Coordinator::new();
+    let now = careweave_node::net::unix_now();
+    coordinator.root.issued = now - DAY;
+    coordinator.root.expires = now + 365 * DAY;
+    coordinator.at = Some(now);
+    let list = coordinator.list_bytes(
+        1,
+        None,
+        vec![
+            member(&dir.path().join("qhg"), "QHG", a_port, MemberStatus::Active),
+            member(&dir.path().join("que"), "QUE", b_port, MemberStatus::Active),
+        ],
+        vec![],
+    );
+    for node in ["qhg", "que"] {
+        std::fs::write(
+            dir.path().join(node).join("trust/root.cose"),
+            coordinator.root_bytes(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(node).join("trust/list.cose"), &list).unwrap();
+    }
+    let spawn = |config: &Path, log: &str| {
+        Proc(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(config)
+                .arg("run")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _a = spawn(&a, "qhg.log");
+    let _b = spawn(&b, "que.log");
+    let logs = || {
+        for log in ["qhg.log", "que.log"] {
+            eprintln!(
+                "--- {log}\n{}",
+                std::fs::read_to_string(dir.path().join(log)).unwrap_or_default()
+            );
+        }
+    };
+    // status now goes through the API (admin certificate) and shows peers.
+    wait_for(
+        "QHG connected, seen through its API",
+        || {
+            let out = cli(&a, &["status"]);
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .map(|v| v["connected_peers"] == 1)
+                .unwrap_or(false)
+        },
+        &logs,
+    );
+    // Import while running goes through POST /fhir.
+    let out = cli(&a, &["import", BUNDLE]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("through the running node"));
+    let requester = [
+        "--user",
+        "555021935107",
+        "--role-profile",
+        "555021936108",
+        "--role-code",
+        "R8000",
+    ];
+    let mut args = vec!["locate", "9990000018"];
+    args.extend(requester);
+    let out = cli(&a, &args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("QHG    QHG-"),
+        "this ICB's own records, found through the API: {text}"
+    );
+    let out = cli(&a, &["patient", "flag", "9990000018", "--restricted"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&a, &args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !text.contains("QHG    QHG-"),
+        "a restricted patient shows nothing: {text}"
+    );
+}

@@ -4,6 +4,5 @@
 
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod data;
 pub mod setup;

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use careweave_testnet::client::ApiClient;
+use careweave_node::api::client::ApiClient;
 use careweave_testnet::data;
 use careweave_testnet::setup::{self, Options, Testnet};
 use clap::{Args, Parser, Subcommand};

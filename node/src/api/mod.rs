@@ -6,6 +6,7 @@
 //! endpoints need the admin role. Every answer echoes `X-Request-ID` and
 //! `X-Correlation-ID`; every error is an OperationOutcome with an NHS code.
 
+pub mod client;
 pub mod fhir;
 
 use std::collections::{HashMap, VecDeque};
