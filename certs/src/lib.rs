@@ -6,4 +6,5 @@
 pub mod ca;
 pub mod keystore;
 pub mod members;
+pub mod publish;
 pub mod time;

@@ -116,14 +116,23 @@ enum ListCommand {
     },
     /// Show what changed between two lists.
     Diff { old: PathBuf, new: PathBuf },
-    /// Check a list and copy it, atomically, to where nodes pick it up.
+    /// Check a list and hand it out: to files nodes watch (written
+    /// atomically) or to running nodes' admin endpoints (https://host:port).
     Publish {
         #[arg(long)]
         root: PathBuf,
         list: PathBuf,
-        /// Files to write (for example each node's [trust] list file).
+        /// Files to write, or https://host:port of nodes' clinical APIs.
         #[arg(long = "to", required = true)]
-        to: Vec<PathBuf>,
+        to: Vec<String>,
+        /// For https targets: the CA that issued the nodes' certificates.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// For https targets: an admin client certificate and its key.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -221,7 +230,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::List(ListCommand::Show { list, json }) => list_show(&list, json),
         Command::List(ListCommand::Diff { old, new }) => list_diff(&old, &new),
-        Command::List(ListCommand::Publish { root, list, to }) => list_publish(&root, &list, &to),
+        Command::List(ListCommand::Publish {
+            root,
+            list,
+            to,
+            ca,
+            cert,
+            key,
+        }) => list_publish(
+            &root,
+            &list,
+            &to,
+            (ca.as_deref(), cert.as_deref(), key.as_deref()),
+        ),
         Command::Ca(CaCommand::Init { out, name }) => {
             ca::init(&out, &name)?;
             println!(
@@ -807,15 +828,30 @@ fn list_diff(old: &Path, new: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list_publish(root_path: &Path, list_path: &Path, to: &[PathBuf]) -> Result<ExitCode> {
+fn list_publish(
+    root_path: &Path,
+    list_path: &Path,
+    to: &[String],
+    (ca, cert, key): (Option<&Path>, Option<&Path>, Option<&Path>),
+) -> Result<ExitCode> {
     let root =
         trust::accept_first_root(&read(root_path)?, now()).context("the root does not verify")?;
     let bytes = read(list_path)?;
     trust::accept_list(&root, None, &bytes, now())
         .context("the list would not be accepted; not published")?;
-    for path in to {
-        write_atomic(path, &bytes)?;
-        println!("published to {}", path.display());
+    for target in to {
+        if target.starts_with("https://") {
+            let (Some(ca), Some(cert), Some(key)) = (ca, cert, key) else {
+                bail!(
+                    "publishing to {target} needs --ca, --cert and --key (an admin client certificate)"
+                );
+            };
+            let answer = careweave_certs::publish::to_node(target, &bytes, ca, cert, key)?;
+            println!("published to {target}: {}", answer.trim());
+        } else {
+            write_atomic(Path::new(target), &bytes)?;
+            println!("published to {target}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -111,3 +111,67 @@ fn up_status_down_with_three_nodes() {
         .unwrap();
     assert!(down.status.success());
 }
+
+#[test]
+fn a_list_published_to_one_nodes_api_reaches_the_others() {
+    use careweave_protocol::trust::{ListDocument, RootDocument, sha256};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let up = Command::new(BIN)
+        .args(["up", "--nodes", "3", "--patients", "2", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let t = careweave_testnet::setup::load(&net).unwrap();
+    // The coordinator makes list 2 with its testnet keys.
+    let list1 = std::fs::read(net.join("coord/list.cose")).unwrap();
+    let (_, old) = ListDocument::decode(&list1).unwrap();
+    let (_, root) =
+        RootDocument::decode(&std::fs::read(net.join("coord/root.cose")).unwrap()).unwrap();
+    let mut list = old.clone();
+    list.seq = 2;
+    list.prev = Some(sha256(&list1));
+    let mut doc = ListDocument::unsigned(&list).unwrap();
+    for i in 1..=2 {
+        let key = careweave_certs::keystore::read(
+            &net.join(format!("coord/keys/list-v1-{i}.pem")),
+            careweave_testnet::setup::TESTNET_PASSPHRASE,
+        )
+        .unwrap();
+        doc.sign(&key, &root).unwrap();
+    }
+    let ca = net.join("api-ca/ca.pem");
+    let (cert, key) = (
+        net.join("api-ca/client/cert.pem"),
+        net.join("api-ca/client/key.pem"),
+    );
+    let url = format!("https://127.0.0.1:{}", t.nodes[0].api_port);
+    let answer = careweave_certs::publish::to_node(&url, &doc.encode(), &ca, &cert, &key).unwrap();
+    assert!(answer.contains("\"seq\":2"), "{answer}");
+    // It spreads to the third node.
+    let client = careweave_node::api::client::ApiClient::new(&ca, &cert, &key).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut seq = 0;
+    for _ in 0..100 {
+        let status = rt
+            .block_on(client.call(t.nodes[2].api_port, "GET", "/admin/status", &[], vec![]))
+            .unwrap();
+        seq = status.json()["trust_list_seq"].as_u64().unwrap_or(0);
+        if seq == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Command::new(BIN)
+        .args(["down", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert_eq!(seq, 2, "the list did not reach the third node");
+}
