@@ -222,6 +222,14 @@ impl AuditLog {
             .size()
     }
 
+    /// When the last checkpoint was signed (Unix seconds; 0 for none yet).
+    pub fn last_checkpoint_time(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .last_checkpoint_time
+    }
+
     /// Whether the log is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

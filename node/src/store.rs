@@ -316,6 +316,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
     /// Number of records held.
     pub fn record_count(&self) -> usize {
         self.records.len()

@@ -668,6 +668,14 @@ async fn only_the_right_certificates_get_in() {
         text.contains("careweave_trust_list_seq 1") && text.contains("careweave_peers_connected 1"),
         "{text}"
     );
+    for metric in [
+        "careweave_trust_list_expires_in_seconds",
+        "careweave_audit_checkpoint_age_seconds",
+        "careweave_store_bytes",
+        "careweave_api_request_seconds_bucket{kind=\"search\",le=\"+Inf\"}",
+    ] {
+        assert!(text.contains(metric), "{metric} missing from {text}");
+    }
     let cap = call(
         port,
         &pki,

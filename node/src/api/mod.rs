@@ -62,12 +62,68 @@ pub enum ApiError {
     },
 }
 
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// A Prometheus histogram of request latency.
+#[derive(Debug, Default)]
+pub struct Latency {
+    buckets: [std::sync::atomic::AtomicU64; 10],
+    count: std::sync::atomic::AtomicU64,
+    sum_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let secs = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, kind: &str) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            let _ = writeln!(
+                out,
+                "careweave_api_request_seconds_bucket{{kind=\"{kind}\",le=\"{bound}\"}} {}",
+                bucket.load(Relaxed)
+            );
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "careweave_api_request_seconds_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "careweave_api_request_seconds_sum{{kind=\"{kind}\"}} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "careweave_api_request_seconds_count{{kind=\"{kind}\"}} {count}"
+        );
+    }
+}
+
 /// Shared state of the API.
 pub struct ApiState {
     pub node: Arc<Node>,
     pub network: NetworkHandle,
     pub base_url: String,
     pointers: Mutex<PointerCache>,
+    search_latency: Latency,
+    records_latency: Latency,
 }
 
 /// Pointers by id, and their ids oldest first for eviction.
@@ -334,6 +390,18 @@ async fn search(
     params: &HashMap<String, String>,
     self_url: String,
 ) -> Result<Response, Problem> {
+    let started = std::time::Instant::now();
+    let result = search_inner(state, headers, params, self_url).await;
+    state.search_latency.observe(started.elapsed());
+    result
+}
+
+async fn search_inner(
+    state: &ApiState,
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+    self_url: String,
+) -> Result<Response, Problem> {
     let context = context(headers)?;
     let subject = params.get("subject:identifier").ok_or_else(|| {
         Problem::new(
@@ -466,6 +534,19 @@ async fn records(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, Problem> {
+    let started = std::time::Instant::now();
+    let result = records_inner(&state, &headers, id).await;
+    state.records_latency.observe(started.elapsed());
+    result
+}
+
+async fn records_inner(
+    state: &Arc<ApiState>,
+    headers: &HeaderMap,
+    id: String,
+) -> Result<Response, Problem> {
+    let headers = headers.clone();
+    let state = Arc::clone(state);
     let context = context(&headers)?;
     let id = id.strip_suffix("/$records").unwrap_or(&id).to_owned();
     let (nhs, _) = state.pointer(&id).ok_or_else(|| {
@@ -822,6 +903,22 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         "Entries in the audit log.",
         node.audit.len().to_string(),
     );
+    let last = node.audit.last_checkpoint_time();
+    gauge(
+        "careweave_audit_checkpoint_age_seconds",
+        "Seconds since the last signed audit checkpoint (0 before the first).",
+        if last == 0 {
+            0
+        } else {
+            now.saturating_sub(last)
+        }
+        .to_string(),
+    );
+    gauge(
+        "careweave_store_bytes",
+        "Bytes the store takes on disk.",
+        node.store.size_on_disk().to_string(),
+    );
     gauge(
         "careweave_ready",
         "1 when the node answers requests.",
@@ -873,6 +970,12 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP careweave_api_request_seconds Clinical API request latency.\n# TYPE careweave_api_request_seconds histogram"
+    );
+    state.search_latency.render(&mut out, "search");
+    state.records_latency.render(&mut out, "records");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -1042,6 +1145,8 @@ impl ApiState {
             network,
             base_url,
             pointers: Mutex::new((HashMap::new(), VecDeque::new())),
+            search_latency: Latency::default(),
+            records_latency: Latency::default(),
         }
     }
 }
