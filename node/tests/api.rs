@@ -794,7 +794,8 @@ async fn admin_publishes_a_list_that_reaches_the_others_and_unreachable_icbs_sho
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if gone {
+    assert!(gone, "QM7's node did not stop");
+    {
         let found = call(
             port,
             &pki,
