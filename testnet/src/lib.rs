@@ -5,4 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod data;
+pub mod scenarios;
 pub mod setup;

@@ -37,6 +37,14 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Break a running testnet on purpose and check it copes (bringing one
+    /// up first if `--dir` holds none): node-down, revoke, stale-trust.
+    Scenario {
+        #[arg(value_parser = ["node-down", "revoke", "stale-trust"])]
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Stop every node of a testnet (also after an interrupted `up`).
     Down {
         #[arg(long)]
@@ -153,6 +161,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
+        Command::Scenario { name, dir } => {
+            let t = if dir.join("testnet.json").exists() {
+                setup::load(&dir)?
+            } else {
+                up(
+                    &dir,
+                    &Options {
+                        nodes: 5,
+                        patients_per_icb: 20,
+                        seed: 2026,
+                    },
+                )?
+            };
+            let rt = runtime()?;
+            let result = rt.block_on(async {
+                match name.as_str() {
+                    "node-down" => careweave_testnet::scenarios::node_down(&t).await,
+                    "revoke" => careweave_testnet::scenarios::revoke(&t).await,
+                    _ => careweave_testnet::scenarios::stale_trust(&t).await,
+                }
+            });
+            match result {
+                Ok(said) => {
+                    for line in said {
+                        println!("  {line}");
+                    }
+                    println!("scenario {name}: as expected");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(said) => {
+                    println!("{said}");
+                    println!("scenario {name}: NOT as expected");
+                    Ok(ExitCode::from(4))
+                }
+            }
+        }
     }
 }
 

@@ -451,9 +451,25 @@ pub fn load(dir: &Path) -> Result<Testnet, TestnetError> {
 
 /// Starts every node as its own process (`<this program> node-run`).
 pub fn start_all(t: &Testnet) -> Result<(), TestnetError> {
-    let exe = std::env::current_exe().map_err(setup_err)?;
     for node in &t.nodes {
-        let log = std::fs::File::create(node.dir.join("node.log")).map_err(io(&node.dir))?;
+        start_node(node)?;
+    }
+    Ok(())
+}
+
+/// Starts one node's process.
+pub fn start_one(node: &NodeInfo) -> Result<(), String> {
+    start_node(node).map_err(|e| e.to_string())
+}
+
+fn start_node(node: &NodeInfo) -> Result<(), TestnetError> {
+    let exe = std::env::current_exe().map_err(setup_err)?;
+    {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.dir.join("node.log"))
+            .map_err(io(&node.dir))?;
         let child = Command::new(&exe)
             .arg("node-run")
             .arg("--config")

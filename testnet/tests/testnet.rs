@@ -175,3 +175,44 @@ fn a_list_published_to_one_nodes_api_reaches_the_others() {
         .unwrap();
     assert_eq!(seq, 2, "the list did not reach the third node");
 }
+
+#[test]
+fn scenarios_break_the_testnet_and_see_it_cope() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let up = Command::new(BIN)
+        .args(["up", "--nodes", "4", "--patients", "3", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let mut failures = Vec::new();
+    for (name, fact) in [
+        ("node-down", "flagged: true"),
+        ("stale-trust", "failing closed"),
+        ("revoke", "every other node dropped"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["scenario", name, "--dir"])
+            .arg(&net)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() || !text.contains(fact) || !text.contains("as expected") {
+            failures.push(format!(
+                "{name}:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Command::new(BIN)
+        .args(["down", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

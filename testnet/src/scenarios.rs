@@ -1,0 +1,348 @@
+//! Scenarios that break a running testnet on purpose and check it copes.
+//! Each says what it did and what it saw, and fails if the expected outcome
+//! did not happen.
+
+// serde_json's `Value[&str]` answers Null for anything missing; it never panics.
+#![allow(clippy::indexing_slicing)]
+
+use std::time::{Duration, Instant};
+
+use careweave_certs::keystore;
+use careweave_node::api::client::ApiClient;
+use careweave_protocol::trust::{ListDocument, RootDocument, TrustList, sha256};
+use serde_json::Value;
+
+use crate::setup::{self, TESTNET_PASSPHRASE, Testnet};
+
+/// What a scenario reports.
+pub type Outcome = Result<Vec<String>, String>;
+
+const RID: &str = "0b7e2c4d-6f81-4a93-b5c7-d9e1f3a5b7c9";
+
+fn client(t: &Testnet) -> Result<ApiClient, String> {
+    ApiClient::new(
+        &t.dir.join("api-ca/ca.pem"),
+        &t.dir.join("api-ca/client/cert.pem"),
+        &t.dir.join("api-ca/client/key.pem"),
+    )
+}
+
+fn clinician() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("X-Request-ID", RID),
+        ("NHSD-End-User-Organisation-ODS", "QHG"),
+        ("NHSD-User-ID", "555021935107"),
+        ("NHSD-Session-URID", "555021936108"),
+        ("NHSD-Role-Code", "R8000"),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ]
+}
+
+async fn search(t: &Testnet, c: &ApiClient) -> Result<Value, String> {
+    let asker = t.nodes.first().ok_or("no nodes")?;
+    let body = format!(
+        "subject%3Aidentifier=https%3A%2F%2Ffhir.nhs.uk%2FId%2Fnhs-number%7C{}",
+        t.demo.shared.digits()
+    );
+    let answer = c
+        .call(
+            asker.api_port,
+            "POST",
+            "/fhir/DocumentReference/_search",
+            &clinician(),
+            body.into_bytes(),
+        )
+        .await?;
+    if answer.status != 200 {
+        return Err(format!(
+            "search answered {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ));
+    }
+    Ok(answer.json())
+}
+
+fn custodians(bundle: &Value) -> Vec<String> {
+    let mut out: Vec<String> = bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["search"]["mode"] == "match")
+        .filter_map(|e| {
+            e["resource"]["custodian"]["identifier"]["value"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Signs and records the coordinator's next list, made by `edit` from the current one.
+fn next_list(t: &Testnet, edit: impl FnOnce(&mut TrustList)) -> Result<Vec<u8>, String> {
+    let current = std::fs::read(t.dir.join("coord/list.cose")).map_err(|e| e.to_string())?;
+    let (_, mut list) = ListDocument::decode(&current).map_err(|e| e.to_string())?;
+    let (_, root) = RootDocument::decode(
+        &std::fs::read(t.dir.join("coord/root.cose")).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let now = careweave_node::net::unix_now();
+    list.seq += 1;
+    list.prev = Some(sha256(&current));
+    list.issued = now - 1;
+    list.expires = now + 7 * 86_400;
+    edit(&mut list);
+    let mut doc = ListDocument::unsigned(&list).map_err(|e| e.to_string())?;
+    for i in 1..=2 {
+        let key = keystore::read(
+            &t.dir.join(format!("coord/keys/list-v1-{i}.pem")),
+            TESTNET_PASSPHRASE,
+        )
+        .map_err(|e| e.to_string())?;
+        doc.sign(&key, &root).map_err(|e| e.to_string())?;
+    }
+    let bytes = doc.encode();
+    std::fs::write(t.dir.join("coord/list.cose"), &bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+async fn publish(c: &ApiClient, port: u16, list: &[u8]) -> Result<(), String> {
+    let answer = c
+        .call(
+            port,
+            "POST",
+            "/admin/trust-list",
+            &[("Content-Type", "application/cose")],
+            list.to_vec(),
+        )
+        .await?;
+    // A node that already got the list by gossip says so; that is fine.
+    if answer.status == 200 || String::from_utf8_lossy(&answer.body).contains("already held") {
+        Ok(())
+    } else {
+        Err(format!(
+            "publish answered {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ))
+    }
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// One node is killed: locates return within the deadline with that ICB flagged and the rest intact.
+pub async fn node_down(t: &Testnet) -> Outcome {
+    let t = &listed(t)?;
+    let c = client(t)?;
+    let victim = t
+        .nodes
+        .get(2)
+        .ok_or("node-down needs at least three nodes")?;
+    let mut said = vec![];
+    let before = custodians(&search(t, &c).await?);
+    said.push(format!(
+        "before: records for {} at {}",
+        t.demo.shared,
+        before.join(", ")
+    ));
+    let pid = std::fs::read_to_string(victim.dir.join("node.pid")).map_err(|e| e.to_string())?;
+    std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .map_err(|e| e.to_string())?;
+    said.push(format!(
+        "killed {} ({}) with SIGKILL",
+        victim.ods, victim.name
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let bundle = search(t, &c).await?;
+    let took = started.elapsed();
+    let after = custodians(&bundle);
+    let flagged = bundle
+        .to_string()
+        .contains(&format!("({}) could not be reached", victim.ods))
+        || bundle
+            .to_string()
+            .contains(&format!("({}) did not answer in time", victim.ods));
+    said.push(format!(
+        "after: records at {} in {:.0} ms; {} flagged: {flagged}",
+        after.join(", "),
+        took.as_secs_f64() * 1000.0,
+        victim.ods
+    ));
+    let others_intact = before
+        .iter()
+        .filter(|o| **o != victim.ods)
+        .all(|o| after.contains(o));
+    setup::start_one(victim)?;
+    said.push(format!("restarted {}", victim.ods));
+    if !flagged || !others_intact {
+        return Err(format!(
+            "{}\nexpected {} flagged and the others intact",
+            said.join("\n"),
+            victim.ods
+        ));
+    }
+    Ok(said)
+}
+
+/// The coordinator revokes one ICB: it is cut off within seconds.
+pub async fn revoke(t: &Testnet) -> Outcome {
+    let t = &listed(t)?;
+    let c = client(t)?;
+    let victim = t.nodes.last().ok_or("no nodes")?.clone();
+    let asker = t.nodes.first().ok_or("no nodes")?;
+    let mut said = vec![];
+    let list = next_list(t, |l| {
+        if let Some(m) = l.members.iter().find(|m| m.ods.as_str() == victim.ods) {
+            for key in &m.keys {
+                l.revoked.push(careweave_protocol::trust::Revocation {
+                    kid: key.kid,
+                    ods: m.ods.clone(),
+                    revoked_at: careweave_node::net::unix_now(),
+                    reason: "testnet scenario: revoked".into(),
+                    compromised_since: None,
+                });
+            }
+        }
+        l.members.retain(|m| m.ods.as_str() != victim.ods);
+    })?;
+    publish(&c, asker.api_port, &list).await?;
+    said.push(format!(
+        "coordinator removed {} and revoked its keys; list handed to {} only",
+        victim.ods, asker.ods
+    ));
+    let others: Vec<_> = t
+        .nodes
+        .iter()
+        .filter(|n| n.ods != victim.ods)
+        .cloned()
+        .collect();
+    let want = others.len().saturating_sub(1);
+    let cut = wait_until(Duration::from_secs(20), || async {
+        let mut all = true;
+        for n in &others {
+            all &= matches!(setup::node_status(n).await, Some((c, _)) if c == want);
+        }
+        all
+    })
+    .await;
+    match cut {
+        Some(took) => said.push(format!(
+            "every other node dropped {} within {:.1} s",
+            victim.ods,
+            took.as_secs_f64()
+        )),
+        None => {
+            return Err(format!(
+                "{}\n{} was still connected after 20 s",
+                said.join("\n"),
+                victim.ods
+            ));
+        }
+    }
+    let after = custodians(&search(t, &c).await?);
+    if after.contains(&victim.ods) {
+        return Err(format!(
+            "{}\n{} still answered: {after:?}",
+            said.join("\n"),
+            victim.ods
+        ));
+    }
+    said.push(format!(
+        "a search now leaves {} out: records at {}",
+        victim.ods,
+        after.join(", ")
+    ));
+    Ok(said)
+}
+
+/// The nodes that are members of the coordinator's current list.
+fn listed(t: &Testnet) -> Result<Testnet, String> {
+    let current = std::fs::read(t.dir.join("coord/list.cose")).map_err(|e| e.to_string())?;
+    let (_, list) = ListDocument::decode(&current).map_err(|e| e.to_string())?;
+    let mut out = t.clone();
+    out.nodes
+        .retain(|n| list.members.iter().any(|m| m.ods.as_str() == n.ods));
+    Ok(out)
+}
+
+/// The list expires: nodes refuse to serve and say why; a fresh list restores service.
+pub async fn stale_trust(t: &Testnet) -> Outcome {
+    let t = &listed(t)?;
+    let c = client(t)?;
+    let mut said = vec![];
+    let short = next_list(t, |l| l.expires = l.issued + 6)?;
+    for n in &t.nodes {
+        publish(&c, n.api_port, &short).await?;
+    }
+    said.push("coordinator published a list that expires in 5 seconds".to_owned());
+    let probe = t.nodes.get(1).or(t.nodes.first()).ok_or("no nodes")?;
+    let refused = wait_until(Duration::from_secs(20), || async {
+        c.call(probe.api_port, "GET", "/readyz", &[], vec![])
+            .await
+            .is_ok_and(|a| a.status == 503)
+    })
+    .await
+    .ok_or("nodes still ready 20 s after the list expired")?;
+    let why = c
+        .call(probe.api_port, "GET", "/readyz", &[], vec![])
+        .await?
+        .json()["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    said.push(format!(
+        "after {:.1} s {} answers 503: {why}",
+        refused.as_secs_f64(),
+        probe.ods
+    ));
+    let search_now = search(t, &c).await;
+    said.push(format!(
+        "a search now: {}",
+        search_now
+            .err()
+            .unwrap_or_else(|| "answered (unexpected)".into())
+    ));
+    let fresh = next_list(t, |_| {})?;
+    for n in &t.nodes {
+        publish(&c, n.api_port, &fresh).await?;
+    }
+    let restored = wait_until(Duration::from_secs(30), || async {
+        let mut all = true;
+        for n in &t.nodes {
+            all &= matches!(setup::node_status(n).await, Some((peers, true)) if peers + 1 == t.nodes.len());
+        }
+        all
+    })
+    .await
+    .ok_or("service did not come back after a fresh list")?;
+    said.push(format!(
+        "a fresh list restored service and connections in {:.1} s",
+        restored.as_secs_f64()
+    ));
+    let _ = custodians(&search(t, &c).await?);
+    if !why.contains("expired") {
+        return Err(format!(
+            "{}\nthe reason did not say the list expired",
+            said.join("\n")
+        ));
+    }
+    Ok(said)
+}
