@@ -8,6 +8,7 @@ use careweave_protocol::NhsNumber;
 use serde_json::{Value, json};
 
 const ICBS_2022: &str = include_str!("../data/icbs-2022.csv");
+const SUCCESSIONS_2026: &str = include_str!("../data/icbs-2026-successions.csv");
 
 /// One ICB from the reference data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +16,24 @@ pub struct Icb {
     pub ods: String,
     pub name: String,
     pub region: String,
+    /// ODS codes this ICB succeeded in the April 2026 merges.
+    pub predecessors: Vec<String>,
+}
+
+/// Splits one CSV line, honouring double quotes.
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    for ch in line.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ',' if !quoted => fields.push(std::mem::take(&mut current)),
+            other => current.push(other),
+        }
+    }
+    fields.push(current);
+    fields
 }
 
 /// The 42 ICBs of 2022–2026, in file order.
@@ -22,28 +41,58 @@ pub fn icbs_2022() -> Vec<Icb> {
     ICBS_2022
         .lines()
         .skip(1)
-        .filter_map(|line| {
-            let mut fields = Vec::new();
-            let mut current = String::new();
-            let mut quoted = false;
-            for ch in line.chars() {
-                match ch {
-                    '"' => quoted = !quoted,
-                    ',' if !quoted => fields.push(std::mem::take(&mut current)),
-                    other => current.push(other),
-                }
-            }
-            fields.push(current);
-            match fields.as_slice() {
-                [ods, _gss, region, name] => Some(Icb {
-                    ods: ods.clone(),
-                    name: name.clone(),
-                    region: region.clone(),
-                }),
-                _ => None,
-            }
+        .filter_map(|line| match csv_fields(line).as_slice() {
+            [ods, _gss, region, name] => Some(Icb {
+                ods: ods.clone(),
+                name: name.clone(),
+                region: region.clone(),
+                predecessors: vec![],
+            }),
+            _ => None,
         })
         .collect()
+}
+
+/// The 36 ICBs after the April 2026 merges: the 2022 ICBs no merge touched,
+/// then each successor with the ICBs (or parts of ICBs) it succeeded.
+pub fn icbs_2026() -> Vec<Icb> {
+    let old = icbs_2022();
+    let successors: Vec<(String, String, Vec<String>)> = SUCCESSIONS_2026
+        .lines()
+        .skip(1)
+        .filter_map(|line| match csv_fields(line).as_slice() {
+            [ods, name, predecessors] => Some((
+                ods.clone(),
+                name.clone(),
+                predecessors
+                    .split_whitespace()
+                    .map(|p| p.trim_end_matches("(part)").to_owned())
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let merged: Vec<&String> = successors.iter().flat_map(|(_, _, p)| p).collect();
+    let mut out: Vec<Icb> = old
+        .iter()
+        .filter(|i| !merged.contains(&&i.ods))
+        .cloned()
+        .collect();
+    for (ods, name, predecessors) in successors {
+        let region = predecessors
+            .first()
+            .and_then(|p| old.iter().find(|i| &i.ods == p))
+            .map(|i| i.region.clone())
+            .unwrap_or_default();
+        let predecessors = predecessors.into_iter().filter(|p| *p != ods).collect();
+        out.push(Icb {
+            ods,
+            name,
+            region,
+            predecessors,
+        });
+    }
+    out
 }
 
 /// A small deterministic generator (SplitMix64), so `--seed` reproduces data.
@@ -227,6 +276,17 @@ mod tests {
             icbs.iter()
                 .any(|i| i.ods == "QHG" && i.name.contains("Bedfordshire"))
         );
+    }
+
+    #[test]
+    fn the_2026_set_has_36_icbs_with_five_character_codes() {
+        let icbs = icbs_2026();
+        assert_eq!(icbs.len(), 36);
+        let central = icbs.iter().find(|i| i.ods == "S1Y5D").unwrap();
+        assert_eq!(central.predecessors, ["QHG", "QUE", "QM7"]);
+        assert!(!icbs.iter().any(|i| i.ods == "QHG"));
+        let hiow = icbs.iter().find(|i| i.ods == "QRL").unwrap();
+        assert_eq!(hiow.predecessors, ["QNQ"]);
     }
 
     #[test]

@@ -38,9 +38,9 @@ enum Command {
         dir: PathBuf,
     },
     /// Break a running testnet on purpose and check it copes (bringing one
-    /// up first if `--dir` holds none): node-down, revoke, stale-trust.
+    /// up first if `--dir` holds none).
     Scenario {
-        #[arg(value_parser = ["node-down", "revoke", "stale-trust"])]
+        #[arg(value_parser = ["node-down", "revoke", "stale-trust", "replay", "rogue-peer"])]
         name: String,
         #[arg(long)]
         dir: PathBuf,
@@ -71,6 +71,9 @@ struct UpArgs {
     /// Seed for the synthetic data.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// The ICBs of 2022 (42) or after the April 2026 merges (36).
+    #[arg(long, default_value = "2022", value_parser = ["2022", "2026"])]
+    icb_set: String,
 }
 
 fn main() -> ExitCode {
@@ -109,7 +112,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 patients_per_icb: args.patients,
                 seed: args.seed,
             };
-            let t = up(&args.dir, &options)?;
+            let icbs = if args.icb_set == "2026" {
+                data::icbs_2026()
+            } else {
+                data::icbs_2022()
+            };
+            let t = up_with(&args.dir, &icbs, &options)?;
             println!(
                 "testnet of {} ICBs running in {}",
                 t.nodes.len(),
@@ -179,6 +187,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 match name.as_str() {
                     "node-down" => careweave_testnet::scenarios::node_down(&t).await,
                     "revoke" => careweave_testnet::scenarios::revoke(&t).await,
+                    "replay" => careweave_testnet::scenarios::replay(&t).await,
+                    "rogue-peer" => careweave_testnet::scenarios::rogue_peer(&t).await,
                     _ => careweave_testnet::scenarios::stale_trust(&t).await,
                 }
             });
@@ -201,12 +211,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn up(dir: &Path, options: &Options) -> Result<Testnet> {
-    let icbs = data::icbs_2022();
+    up_with(dir, &data::icbs_2022(), options)
+}
+
+fn up_with(dir: &Path, icbs: &[data::Icb], options: &Options) -> Result<Testnet> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
-    let t = setup::build(dir, &icbs, options, &|step| {
-        bar.set_message(step.to_owned())
-    })?;
+    let t = setup::build(dir, icbs, options, &|step| bar.set_message(step.to_owned()))?;
     bar.set_message("starting node processes");
     setup::start_all(&t)?;
     bar.set_message("waiting for every node to hold the list and connect to every other");

@@ -346,3 +346,207 @@ pub async fn stale_trust(t: &Testnet) -> Outcome {
     }
     Ok(said)
 }
+
+mod raw {
+    //! A bare libp2p peer for the rogue-peer and replay scenarios.
+    use std::time::Duration;
+
+    use careweave_node::net::codec::FrameCodec;
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Multiaddr, PeerId, StreamProtocol, identity, request_response};
+
+    /// Dials `addr` as `key` and sends each request in turn on the locate
+    /// protocol; returns each answer or failure (waits at most 10 s each).
+    pub(super) async fn requests(
+        key: identity::Keypair,
+        target: PeerId,
+        addr: Multiaddr,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        let codec = FrameCodec {
+            max_request: 4 << 20,
+            max_response: 4 << 20,
+            ..FrameCodec::default()
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::tls::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .map_err(|e| e.to_string())?
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    codec,
+                    [(
+                        StreamProtocol::new("/careweave/locate/1"),
+                        request_response::ProtocolSupport::Outbound,
+                    )],
+                    request_response::Config::default(),
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .build();
+        swarm.add_peer_address(target, addr);
+        let mut out = Vec::new();
+        for body in bodies {
+            swarm.behaviour_mut().send_request(&target, body);
+            let deadline = tokio::time::sleep(Duration::from_secs(10));
+            tokio::pin!(deadline);
+            let answer = loop {
+                tokio::select! {
+                    _ = &mut deadline => break Err("no answer within 10 s".to_owned()),
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::Behaviour(request_response::Event::Message { message: request_response::Message::Response { response, .. }, .. }) => break Ok(response),
+                        SwarmEvent::Behaviour(request_response::Event::OutboundFailure { error, .. }) => break Err(error.to_string()),
+                        _ => {}
+                    }
+                }
+            };
+            out.push(answer);
+        }
+        Ok(out)
+    }
+}
+
+fn p2p_target(
+    node: &crate::setup::NodeInfo,
+) -> Result<(libp2p::PeerId, libp2p::Multiaddr), String> {
+    let keys =
+        careweave_node::keys::NodeKeys::load(&node.dir.join("keys")).map_err(|e| e.to_string())?;
+    let peer = libp2p::PeerId::from_bytes(keys.peer_id().as_bytes()).map_err(|e| e.to_string())?;
+    let addr = format!("/ip4/127.0.0.1/tcp/{}", node.p2p_port)
+        .parse()
+        .map_err(|e: libp2p::multiaddr::Error| e.to_string())?;
+    Ok((peer, addr))
+}
+
+/// A node not on the list cannot connect or get an answer.
+pub async fn rogue_peer(t: &Testnet) -> Outcome {
+    let t = &listed(t)?;
+    let target_node = t.nodes.get(1).ok_or("rogue-peer needs two nodes")?;
+    let (target, addr) = p2p_target(target_node)?;
+    let rogue = libp2p::identity::Keypair::generate_ed25519();
+    let mut said = vec![format!(
+        "a libp2p peer with a fresh key ({}) dials {} and asks a locate",
+        rogue.public().to_peer_id(),
+        target_node.ods
+    )];
+    let answers = raw::requests(
+        rogue,
+        target,
+        addr,
+        vec![vec![0xd2, 0x84, 0x40, 0xa0, 0x40, 0x40]],
+    )
+    .await?;
+    match answers.first() {
+        Some(Err(e)) => {
+            said.push(format!("refused: {e}"));
+            Ok(said)
+        }
+        other => Err(format!(
+            "{}\nthe rogue peer got an answer: {other:?}",
+            said.join("\n")
+        )),
+    }
+}
+
+/// A captured request sent again is refused as a replay.
+pub async fn replay(t: &Testnet) -> Outcome {
+    use careweave_protocol::envelope::{self, ProtocolId, Seal};
+    use careweave_protocol::message::{LocateRequest, Purpose, RequesterContext};
+    let t = &listed(t)?;
+    let (asker, target_node) = (
+        t.nodes.first().ok_or("no nodes")?,
+        t.nodes.get(1).ok_or("replay needs two nodes")?,
+    );
+    let keys =
+        careweave_node::keys::NodeKeys::load(&asker.dir.join("keys")).map_err(|e| e.to_string())?;
+    let target_keys = careweave_node::keys::NodeKeys::load(&target_node.dir.join("keys"))
+        .map_err(|e| e.to_string())?;
+    let current = std::fs::read(t.dir.join("coord/list.cose")).map_err(|e| e.to_string())?;
+    let (_, list) = ListDocument::decode(&current).map_err(|e| e.to_string())?;
+    let ods = |code: &str| careweave_protocol::OdsCode::parse(code).map_err(|e| e.to_string());
+    let request = LocateRequest {
+        nhs_number: t.demo.shared,
+        context: RequesterContext {
+            organisation: ods(&asker.ods)?,
+            user_id: "555021935107".into(),
+            role_profile_id: "555021936108".into(),
+            role_code: "R8000".into(),
+            purpose: Purpose::Treat,
+            relationship: "direct-care".into(),
+            break_glass_reason: None,
+            request_id: RID.into(),
+            correlation_id: None,
+        },
+        sections: None,
+    };
+    let mut cti = [0u8; 16];
+    cti.copy_from_slice(
+        &sha256(format!("replay-{}", careweave_node::net::unix_now()).as_bytes())[..16],
+    );
+    let bytes = envelope::seal(
+        &request,
+        &Seal {
+            key: &keys.message,
+            protocol: ProtocolId::Locate,
+            sender_ods: &ods(&asker.ods)?,
+            receiver_ods: &ods(&target_node.ods)?,
+            sender_peer: &keys.peer_id(),
+            receiver_peer: &target_keys.peer_id(),
+            trust_seq: list.seq,
+            now: careweave_node::net::unix_now(),
+            lifetime_secs: 60,
+            cti,
+            request_hash: None,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut secret = keys.transport.secret_bytes();
+    let identity =
+        libp2p::identity::Keypair::ed25519_from_bytes(&mut secret).map_err(|e| e.to_string())?;
+    let (target, addr) = p2p_target(target_node)?;
+    let mut said = vec![format!(
+        "{} signs one locate for {} and it is sent twice",
+        asker.ods, target_node.ods
+    )];
+    let answers = raw::requests(identity, target, addr, vec![bytes.clone(), bytes]).await?;
+    let kind = |answer: &Result<Vec<u8>, String>| -> String {
+        match answer {
+            Err(e) => format!("failure: {e}"),
+            Ok(bytes) => careweave_protocol::cose::Sign1::decode(bytes, 4 << 20)
+                .map(|s| {
+                    if s.header.content_type.contains("error") {
+                        let message = careweave_protocol::cbor::decode::<
+                            careweave_protocol::message::ErrorMessage,
+                        >(
+                            &s.payload, careweave_protocol::cbor::Limits::MESSAGE
+                        )
+                        .map(|e| e.message)
+                        .unwrap_or_else(|e| e.to_string());
+                        format!("refused: {message}")
+                    } else {
+                        "answered".to_owned()
+                    }
+                })
+                .unwrap_or_else(|e| e.to_string()),
+        }
+    };
+    let (first, second) = (
+        answers.first().map(kind).unwrap_or_default(),
+        answers.get(1).map(kind).unwrap_or_default(),
+    );
+    said.push(format!("first: {first}"));
+    said.push(format!("second: {second}"));
+    if first == "answered" && second.contains("replay") {
+        Ok(said)
+    } else {
+        Err(format!(
+            "{}\nexpected the first answered and the second refused as a replay",
+            said.join("\n")
+        ))
+    }
+}

@@ -106,7 +106,13 @@ pub struct Options {
     pub seed: u64,
 }
 
-fn member(ods: OdsCode, info: &NodeInfo, keys: &NodeKeys, now: u64) -> Member {
+fn member(
+    ods: OdsCode,
+    predecessors: &[String],
+    info: &NodeInfo,
+    keys: &NodeKeys,
+    now: u64,
+) -> Member {
     Member {
         ods,
         name: info.name.clone(),
@@ -128,7 +134,10 @@ fn member(ods: OdsCode, info: &NodeInfo, keys: &NodeKeys, now: u64) -> Member {
                 valid_until: now + 365 * 86_400,
             })
             .collect(),
-        predecessors: vec![],
+        predecessors: predecessors
+            .iter()
+            .filter_map(|p| OdsCode::parse(p).ok())
+            .collect(),
         contact: Some(format!(
             "shared-care-records@{}.testnet.invalid",
             info.ods.to_lowercase()
@@ -262,7 +271,7 @@ pub fn build(
             )
             .replace("level = \"info\"", "level = \"warn\"");
         std::fs::write(info.config(), text).map_err(io(&info.dir))?;
-        members.push(member(ods, &info, &keys, now));
+        members.push(member(ods, &icb.predecessors, &info, &keys, now));
         nodes.push((info, keys));
     }
 

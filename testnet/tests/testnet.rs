@@ -193,6 +193,8 @@ fn scenarios_break_the_testnet_and_see_it_cope() {
     let mut failures = Vec::new();
     for (name, fact) in [
         ("node-down", "flagged: true"),
+        ("replay", "replay of one already received"),
+        ("rogue-peer", "refused"),
         ("stale-trust", "failing closed"),
         ("revoke", "every other node dropped"),
     ] {
