@@ -231,7 +231,7 @@ pub fn records(rng: &mut Rng, patient: &Patient, icb: &str) -> Vec<Value> {
         json!({"resourceType": "MedicationStatement", "id": id("medication", 1), "status": "active", "medicationCodeableConcept": coded(&rng.pick(&MEDICATIONS)), "subject": subject(nhs), "effectiveDateTime": date(rng)}),
         json!({"resourceType": "Observation", "id": id("observation", 1), "status": "final", "code": coded(&rng.pick(&OBSERVATIONS)), "subject": subject(nhs), "effectiveDateTime": date(rng)}),
         json!({"resourceType": "Immunization", "id": id("immunization", 1), "status": "completed", "vaccineCode": coded(&rng.pick(&VACCINES)), "patient": subject(nhs), "occurrenceDateTime": date(rng)}),
-        json!({"resourceType": "Encounter", "id": id("encounter", 1), "status": "finished", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}, "subject": subject(nhs), "period": {"start": date(rng)}}),
+        json!({"resourceType": "Encounter", "id": id("encounter", 1), "status": "finished", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}, "subject": subject(nhs), "period": {"start": date(rng)}, "serviceProvider": {"identifier": {"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": patient.practice}, "display": "registered GP practice (synthetic)"}}),
     ];
     if rng.below(3) == 0 {
         out.push(json!({"resourceType": "Procedure", "id": id("procedure", 1), "status": "completed", "code": coded(&rng.pick(&PROCEDURES)), "subject": subject(nhs), "performedDateTime": date(rng)}));

@@ -306,6 +306,8 @@ pub fn build(
     };
     let count = nodes.len();
     let mut per_node: Vec<Vec<Value>> = vec![Vec::new(); count];
+    // A few restricted patients and a few objections at their home ICB.
+    let mut flagged: Vec<Vec<(NhsNumber, PatientFlags)>> = vec![Vec::new(); count];
     let mut offset = 100u32;
     for home in 0..count {
         let ods = nodes
@@ -318,6 +320,21 @@ pub fn build(
             let records = data::records(&mut rng, &patient, &ods);
             if let Some(list) = per_node.get_mut(home) {
                 list.extend(records);
+            }
+            let flags = match rng.below(40) {
+                0 => Some(PatientFlags {
+                    restricted: true,
+                    ..PatientFlags::default()
+                }),
+                1 => Some(PatientFlags {
+                    objected: true,
+                    objection: Some("synthetic objection".into()),
+                    ..PatientFlags::default()
+                }),
+                _ => None,
+            };
+            if let (Some(flags), Some(list)) = (flags, flagged.get_mut(home)) {
+                list.push((patient.nhs, flags));
             }
             if rng.below(5) == 0 && count > 1 {
                 let other = (home + 1) % count;
@@ -376,6 +393,9 @@ pub fn build(
                 info.ods,
                 report.rejected.first()
             )));
+        }
+        for (nhs, flags) in flagged.get(i).into_iter().flatten() {
+            store.set_flags(nhs, flags).map_err(setup_err)?;
         }
         if i == 1 {
             store
