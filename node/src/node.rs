@@ -193,6 +193,14 @@ struct PatientView {
     salt: [u8; 32],
 }
 
+/// What a response to one of our requests brought, for the audit log.
+enum Seen<'a> {
+    /// Pointer ids or record keys released, and reasons for what was withheld.
+    Released(Vec<String>, &'a [WithheldReason]),
+    Refused(&'a ErrorMessage),
+    Failed(&'a ResponseError),
+}
+
 /// A careweave node without its network.
 #[derive(Debug)]
 pub struct Node {
@@ -1321,26 +1329,44 @@ impl Node {
         now: u64,
     ) -> Result<LocateAnswer, ResponseError> {
         let result = self.check_locate_response(request, bytes, now);
-        match &result {
-            Ok(LocateAnswer::Answered(r)) => self.audit_response(
-                request,
-                outcome_label(!r.pointers.is_empty(), !r.withheld.is_empty()),
-                None,
+        let seen = match &result {
+            Ok(LocateAnswer::Answered(r)) => Seen::Released(
                 r.pointers.iter().map(|p| p.id.clone()).collect(),
-                r.withheld.clone(),
+                &r.withheld,
+            ),
+            Ok(LocateAnswer::Refused(e)) => Seen::Refused(e),
+            Err(e) => Seen::Failed(e),
+        };
+        self.audit_seen(request, seen, now)?;
+        result
+    }
+
+    /// Audits what a response brought, before anything is handed on.
+    fn audit_seen(
+        &self,
+        request: &OutboundRequest,
+        seen: Seen<'_>,
+        now: u64,
+    ) -> Result<(), ResponseError> {
+        match seen {
+            Seen::Released(released, withheld) => self.audit_response(
+                request,
+                outcome_label(!released.is_empty(), !withheld.is_empty()),
+                None,
+                released,
+                withheld.to_vec(),
                 now,
-            )?,
-            Ok(LocateAnswer::Refused(e)) => self.audit_response(
+            ),
+            Seen::Refused(e) => self.audit_response(
                 request,
                 "refused",
                 Some(e.message.clone()),
                 vec![],
                 vec![],
                 now,
-            )?,
-            Err(e) => self.record_outbound_failure(request, &e.to_string(), now)?,
+            ),
+            Seen::Failed(e) => self.record_outbound_failure(request, &e.to_string(), now),
         }
-        result
     }
 
     fn check_locate_response(
@@ -1374,13 +1400,10 @@ impl Node {
         now: u64,
     ) -> Result<FetchAnswer, ResponseError> {
         let result = self.check_fetch_response(request, bytes, now);
-        match &result {
+        let seen = match &result {
             Ok(FetchAnswer::Records {
                 records, withheld, ..
-            }) => self.audit_response(
-                request,
-                outcome_label(!records.is_empty(), !withheld.is_empty()),
-                None,
+            }) => Seen::Released(
                 records
                     .iter()
                     .map(|r| {
@@ -1390,19 +1413,12 @@ impl Node {
                         )
                     })
                     .collect(),
-                withheld.clone(),
-                now,
-            )?,
-            Ok(FetchAnswer::Refused(e)) => self.audit_response(
-                request,
-                "refused",
-                Some(e.message.clone()),
-                vec![],
-                vec![],
-                now,
-            )?,
-            Err(e) => self.record_outbound_failure(request, &e.to_string(), now)?,
-        }
+                withheld,
+            ),
+            Ok(FetchAnswer::Refused(e)) => Seen::Refused(e),
+            Err(e) => Seen::Failed(e),
+        };
+        self.audit_seen(request, seen, now)?;
         result
     }
 
