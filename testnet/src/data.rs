@@ -255,6 +255,28 @@ pub fn records(rng: &mut Rng, patient: &Patient, icb: &str) -> Vec<Value> {
     out
 }
 
+/// An Observation of about `bytes` bytes of JSON (padded with a note), for
+/// the benchmark's fixed-size records. `n` makes its id unique.
+pub fn sized_observation(nhs: &NhsNumber, icb: &str, n: u64, bytes: usize) -> Value {
+    let mut resource = json!({
+        "resourceType": "Observation",
+        "id": format!("{}-bench-{}-{n}", icb.to_lowercase(), nhs.digits()),
+        "status": "final",
+        "code": coded(&("271649006", "Systolic blood pressure")),
+        "subject": subject(nhs),
+        "effectiveDateTime": format!("20{:02}-{:02}-{:02}", 15 + n % 11, 1 + n % 12, 1 + n % 28),
+        "valueQuantity": {"value": 110 + n % 60, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
+        "note": [{"text": ""}],
+    });
+    let base = serde_json::to_vec(&resource).map_or(0, |v| v.len());
+    let padding = "Synthetic reading for benchmarking. ".repeat(bytes / 36 + 1);
+    let text: String = padding.chars().take(bytes.saturating_sub(base)).collect();
+    if let Some(fields) = resource.as_object_mut() {
+        fields.insert("note".into(), json!([{ "text": text }]));
+    }
+    resource
+}
+
 /// A collection Bundle holding resources.
 pub fn bundle(resources: Vec<Value>) -> Value {
     json!({
@@ -294,6 +316,15 @@ mod tests {
         for offset in 0..2000 {
             let n = nhs_number(offset * 37);
             assert!(n.is_test_range());
+        }
+    }
+
+    #[test]
+    fn sized_observations_are_the_size_asked_for() {
+        for bytes in [1024, 4096] {
+            let r = sized_observation(&nhs_number(7), "QHG", 3, bytes);
+            let len = serde_json::to_vec(&r).unwrap().len();
+            assert!(len.abs_diff(bytes) <= 8, "{len} for {bytes}");
         }
     }
 

@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod data;
+pub mod floor;
 pub mod scenarios;
 pub mod setup;

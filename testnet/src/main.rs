@@ -50,12 +50,38 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Measure locate, fetch, ingest, memory, start-up and store size on
+    /// real node processes, each beside its floor; writes bench.json and
+    /// bench.md. Exits 4 when a full run misses a target.
+    Bench(BenchArgs),
+    /// Run one plain libp2p request-response node (the benchmark's floor;
+    /// not for people).
+    #[command(hide = true)]
+    FloorNode {
+        #[arg(long)]
+        ready: PathBuf,
+    },
     /// Run one node (used by `up`; not for people).
     #[command(hide = true)]
     NodeRun {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// A small run fit for CI: five ICBs, thousands rather than millions of
+    /// records, one run per figure. Targets are reported, not enforced.
+    #[arg(long)]
+    quick: bool,
+    /// Working directory for the testnets and stores (needs tens of GB for
+    /// a full run); a temporary directory when absent.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where bench.json and bench.md are written.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +109,53 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn bench(args: BenchArgs) -> Result<ExitCode> {
+    let temporary = args.dir.is_none();
+    let dir = args.dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("careweave-bench-{}", std::process::id()))
+    });
+    let options = careweave_testnet::bench::BenchOptions {
+        quick: args.quick,
+        dir: dir.clone(),
+        out: args.out.clone(),
+    };
+    let started = Instant::now();
+    let figures = runtime()?
+        .block_on(careweave_testnet::bench::run(&options, &|line| {
+            eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+        }))
+        .map_err(anyhow::Error::msg);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let figures = figures?;
+    let table = std::fs::read_to_string(args.out.join("bench.md"))?;
+    println!("{table}");
+    println!(
+        "written: {} and {}",
+        args.out.join("bench.json").display(),
+        args.out.join("bench.md").display()
+    );
+    let missed: Vec<&str> = figures
+        .iter()
+        .filter(|f| f.met == Some(false))
+        .map(|f| f.name.as_str())
+        .collect();
+    if missed.is_empty() {
+        println!("every target met");
+        Ok(ExitCode::SUCCESS)
+    } else if args.quick {
+        println!(
+            "{} target(s) missed; a quick run is too small to judge targets",
+            missed.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("targets missed: {}", missed.join("; "));
+        Ok(ExitCode::from(4))
     }
 }
 
@@ -169,6 +242,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
+        Command::Bench(args) => bench(args),
+        Command::FloorNode { ready } => {
+            runtime()?
+                .block_on(careweave_testnet::floor::serve(&ready))
+                .map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Scenario { name, dir } => {
             let t = if dir.join("testnet.json").exists() {
                 setup::load(&dir)?

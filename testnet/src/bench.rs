@@ -1,0 +1,1613 @@
+//! `careweave-testnet bench`: careweave's speed and cost, measured on real
+//! node processes, each figure beside the floor it stands on.
+//!
+//! Every figure is the median of several runs. The JSON file holds every
+//! run; the Markdown table holds the medians, targets, floors and ratios.
+//! Targets are checked here and nowhere else: tests never assert timings.
+
+// serde_json's `Value[&str]` answers Null for anything missing and inserts
+// into objects; it never panics on the values built here.
+#![allow(clippy::indexing_slicing)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use careweave_node::config::{self, LoadedConfig};
+use careweave_node::daemon::{self, ControlRequest, ControlResponse, IcbReport};
+use careweave_node::import::Importer;
+use careweave_node::keys::NodeKeys;
+use careweave_node::store::Store;
+use careweave_protocol::envelope::ProtocolId;
+use careweave_protocol::envelope::{self, Seal};
+use careweave_protocol::message::{
+    FetchRequest, FetchResponse, LocateRequest, LocateResponse, Purpose, RequesterContext,
+};
+use careweave_protocol::record::{self, RecordLabel};
+use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes};
+use serde_json::{Value, json};
+
+use crate::data;
+use crate::floor::{self, FloorClient};
+use crate::setup::{self, NodeInfo, Options, Testnet};
+
+/// What to run and where.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// A small version, fit for CI: a few nodes, a few thousand records.
+    pub quick: bool,
+    /// Working directory for testnets and stores (emptied first).
+    pub dir: PathBuf,
+    /// Where `bench.json` and `bench.md` go.
+    pub out: PathBuf,
+}
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+struct Scale {
+    icbs: usize,
+    growth_icbs: Vec<usize>,
+    big_records: usize,
+    growth_nodes: usize,
+    growth_records: [usize; 2],
+    ingest_records: usize,
+    runs: usize,
+    locate_sequential: usize,
+    locate_parallel: usize,
+    fetch_secs: f64,
+    fetch_patients: usize,
+    patients_per_icb: u32,
+}
+
+impl Scale {
+    fn full() -> Self {
+        Self {
+            icbs: 42,
+            growth_icbs: vec![5, 10, 20],
+            big_records: 1_000_000,
+            growth_nodes: 5,
+            growth_records: [100_000, 1_000_000],
+            ingest_records: 100_000,
+            runs: 3,
+            locate_sequential: 1000,
+            locate_parallel: 2000,
+            fetch_secs: 5.0,
+            fetch_patients: 2000,
+            patients_per_icb: 50,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            icbs: 5,
+            growth_icbs: vec![3],
+            big_records: 20_000,
+            growth_nodes: 3,
+            growth_records: [2_000, 10_000],
+            ingest_records: 5_000,
+            runs: 1,
+            locate_sequential: 100,
+            locate_parallel: 200,
+            fetch_secs: 1.0,
+            fetch_patients: 100,
+            patients_per_icb: 10,
+        }
+    }
+}
+
+/// Records per synthetic patient in the large stores.
+const RECORDS_PER_PATIENT: usize = 20;
+/// Size of each record in the ingest and large-store figures.
+const INGEST_RECORD_BYTES: usize = 1024;
+/// Size of each record served in the fetch figures.
+const FETCH_RECORD_BYTES: usize = 4096;
+/// Locates in flight at once in the parallel figures.
+const PARALLEL: usize = 8;
+/// Fetch clients at once; below the node's limit of 16 control connections.
+const FETCH_CLIENTS: usize = 12;
+/// Warm-up requests before anything is timed.
+const WARM_UP: usize = 50;
+/// The deadline configured for each outbound request (the node default).
+const DEADLINE_MS: f64 = 2000.0;
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    pub name: String,
+    pub unit: &'static str,
+    /// Median of the runs.
+    pub value: f64,
+    pub runs: Vec<f64>,
+    pub target: String,
+    pub floor: Option<f64>,
+    pub ratio: Option<f64>,
+    /// Whether the target was met; None when there is no target.
+    pub met: Option<bool>,
+}
+
+impl Figure {
+    fn new(name: impl Into<String>, unit: &'static str, runs: Vec<f64>) -> Self {
+        Self {
+            name: name.into(),
+            unit,
+            value: median(&runs),
+            runs,
+            target: String::new(),
+            floor: None,
+            ratio: None,
+            met: None,
+        }
+    }
+
+    fn target(mut self, text: impl Into<String>, met: bool) -> Self {
+        self.target = text.into();
+        self.met = Some(met);
+        self
+    }
+
+    fn floor(mut self, floor: f64) -> Self {
+        self.floor = Some(floor);
+        self.ratio = (floor > 0.0).then(|| self.value / floor);
+        self
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name, "unit": self.unit, "value": self.value, "runs": self.runs,
+            "target": self.target, "floor": self.floor, "ratio": self.ratio, "met": self.met,
+        })
+    }
+}
+
+/// The machine a run was measured on.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(kib))
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let rustc = command_output("rustc", &["--version"]);
+    json!({
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": (memory_kib as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "kernel": kernel,
+        "rustc": rustc,
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "careweave": env!("CARGO_PKG_VERSION"),
+        "date": command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn kib(text: &str) -> u64 {
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident set size of a process in bytes, if it is running.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(kib))
+        .map(|k| k * 1024)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted.get(n / 2).copied().unwrap_or(f64::NAN),
+        n => {
+            let a = sorted.get(n / 2 - 1).copied().unwrap_or(f64::NAN);
+            let b = sorted.get(n / 2).copied().unwrap_or(f64::NAN);
+            (a + b) / 2.0
+        }
+    }
+}
+
+/// Nearest-rank percentile of latencies, in milliseconds.
+fn percentile(sorted_ms: &[f64], p: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * sorted_ms.len() as f64).ceil() as usize;
+    sorted_ms
+        .get(rank.clamp(1, sorted_ms.len()) - 1)
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// p50, p99 and p99.9 of one run.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn latency(mut ms: Vec<f64>) -> Latency {
+    ms.sort_by(f64::total_cmp);
+    Latency {
+        p50: percentile(&ms, 50.0),
+        p99: percentile(&ms, 99.0),
+        p999: percentile(&ms, 99.9),
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Stops a testnet's nodes and any floor nodes when dropped, whatever happened.
+struct Cleanup {
+    testnets: Vec<PathBuf>,
+    children: Vec<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for dir in &self.testnets {
+            setup::stop_all(dir);
+        }
+    }
+}
+
+fn context(ods: &str) -> Result<RequesterContext, String> {
+    Ok(RequesterContext {
+        organisation: OdsCode::parse(ods).map_err(err)?,
+        user_id: "555021935107".into(),
+        role_profile_id: "555021936108".into(),
+        role_code: "R8000".into(),
+        purpose: Purpose::Treat,
+        relationship: "direct-care".into(),
+        break_glass_reason: None,
+        request_id: "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f".into(),
+        correlation_id: None,
+    })
+}
+
+/// Sizes of real signed messages, so the floor carries the same bytes.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    locate_request: usize,
+    locate_response: usize,
+    fetch_request: usize,
+    fetch_response: usize,
+}
+
+fn message_sizes() -> Result<Sizes, String> {
+    let key = KeyPair::from_secret_bytes(&[7; 32]);
+    let peer = PeerIdBytes::from_ed25519(&key.public_key());
+    let a = OdsCode::parse("QHG").map_err(err)?;
+    let b = OdsCode::parse("QMM").map_err(err)?;
+    let nhs = data::nhs_number(100);
+    let seal = |protocol, request_hash| Seal {
+        key: &key,
+        protocol,
+        sender_ods: &a,
+        receiver_ods: &b,
+        sender_peer: &peer,
+        receiver_peer: &peer,
+        trust_seq: 1,
+        now: 1_800_000_000,
+        lifetime_secs: 60,
+        cti: [1; 16],
+        request_hash,
+    };
+    let ctx = context("QHG")?;
+    let locate_request = envelope::seal(
+        &LocateRequest {
+            nhs_number: nhs,
+            context: ctx.clone(),
+            sections: None,
+        },
+        &seal(ProtocolId::Locate, None),
+    )
+    .map_err(err)?;
+    let locate_response = envelope::seal(
+        &LocateResponse {
+            custodian: b.clone(),
+            pointers: vec![],
+            withheld: vec![],
+        },
+        &seal(ProtocolId::Locate, Some([9; 32])),
+    )
+    .map_err(err)?;
+    let fetch_request = envelope::seal(
+        &FetchRequest {
+            nhs_number: nhs,
+            pointer_id: "QMM-0123456789abcdef0123456789abcdef".into(),
+            context: ctx,
+        },
+        &seal(ProtocolId::Fetch, None),
+    )
+    .map_err(err)?;
+    let mut resource = data::sized_observation(&nhs, "QMM", 1, FETCH_RECORD_BYTES);
+    // As stored: the importer gives every record its version.
+    resource["meta"] = json!({"versionId": "1"});
+    let json = serde_json::to_vec(&resource).map_err(err)?;
+    let signed = record::sign_record(
+        &json,
+        &RecordLabel {
+            custodian: b.clone(),
+            nhs_number: nhs,
+            signed_at: 1_800_000_000,
+            resource_type: "Observation".into(),
+            resource_id: resource["id"].as_str().unwrap_or("").to_owned(),
+            version: "1".into(),
+        },
+        &key,
+    )
+    .map_err(err)?;
+    let fetch_response = envelope::seal(
+        &FetchResponse {
+            custodian: b.clone(),
+            records: vec![serde_bytes::ByteBuf::from(signed)],
+            withheld: vec![],
+        },
+        &seal(ProtocolId::Fetch, Some([9; 32])),
+    )
+    .map_err(err)?;
+    Ok(Sizes {
+        locate_request: locate_request.len(),
+        locate_response: locate_response.len(),
+        fetch_request: fetch_request.len(),
+        fetch_response: fetch_response.len(),
+    })
+}
+
+/// `count` valid test-range NHS numbers, in order, from `start` on.
+fn numbers(start: u32, count: usize) -> Vec<NhsNumber> {
+    (start..)
+        .filter_map(|offset| NhsNumber::from_stem(999_000_000u32.saturating_add(offset)))
+        .take(count)
+        .collect()
+}
+
+/// Imports `count` records of `bytes` each, `RECORDS_PER_PATIENT` per
+/// patient, into a stopped node's store. Returns stored records, raw FHIR
+/// bytes and seconds taken.
+fn import_sized(node: &NodeInfo, batch: &Synthetic<'_>) -> Result<(usize, u64, f64), String> {
+    let loaded = config::load(&node.config(), []).map_err(err)?;
+    let keys = NodeKeys::load(&loaded.keys_dir()).map_err(err)?;
+    let store = Store::open(
+        &loaded.store_dir(),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )
+    .map_err(err)?;
+    import_into(&store, &loaded, &keys, &node.ods, batch)
+}
+
+/// Synthetic records to import: `count` records of about `bytes` each,
+/// numbered from `first`, `per_patient` to a patient.
+#[derive(Debug, Clone, Copy)]
+struct Synthetic<'a> {
+    patients: &'a [NhsNumber],
+    per_patient: usize,
+    first: usize,
+    count: usize,
+    bytes: usize,
+}
+
+fn import_into(
+    store: &Store,
+    loaded: &LoadedConfig,
+    keys: &NodeKeys,
+    ods: &str,
+    batch: &Synthetic<'_>,
+) -> Result<(usize, u64, f64), String> {
+    let importer = Importer {
+        store,
+        record_key: &keys.record,
+        custodian: &loaded.config.node.ods,
+        config: &loaded.config,
+        now: careweave_node::net::unix_now(),
+    };
+    let chunk = 10_000;
+    let mut stored = 0;
+    let mut raw = 0u64;
+    let mut elapsed = 0.0;
+    let mut n = batch.first;
+    let end = batch.first + batch.count;
+    while n < end {
+        let upto = (n + chunk).min(end);
+        let mut ndjson = Vec::with_capacity((upto - n) * (batch.bytes + 1));
+        for i in n..upto {
+            let patient = i / batch.per_patient.max(1) % batch.patients.len().max(1);
+            let Some(nhs) = batch.patients.get(patient) else {
+                return Err("no patients to import for".into());
+            };
+            let resource = data::sized_observation(nhs, ods, i as u64, batch.bytes);
+            let line = serde_json::to_vec(&resource).map_err(err)?;
+            raw += line.len() as u64;
+            ndjson.extend_from_slice(&line);
+            ndjson.push(b'\n');
+        }
+        let started = Instant::now();
+        let (report, _, _) = importer
+            .import_bytes("bench", &ndjson, &mut |_, _| {})
+            .map_err(err)?;
+        elapsed += started.elapsed().as_secs_f64();
+        if let Some(rejected) = report.rejected.first() {
+            return Err(format!("bench record rejected: {rejected:?}"));
+        }
+        stored += report.stored + report.replaced;
+        n = upto;
+    }
+    Ok((stored, raw, elapsed))
+}
+
+/// Builds a testnet with the per-peer rate limit raised: the benchmark
+/// measures capacity, not the limiter.
+fn build(dir: &Path, nodes: usize, patients: u32, say: &dyn Fn(&str)) -> Result<Testnet, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    let t = setup::build(
+        dir,
+        &data::icbs_2022(),
+        &Options {
+            nodes,
+            patients_per_icb: patients,
+            seed: 2026,
+        },
+        &|_| {},
+    )
+    .map_err(err)?;
+    for node in &t.nodes {
+        let path = node.config();
+        let text = std::fs::read_to_string(&path).map_err(err)?;
+        let text = text
+            .replace("peer_rate_per_sec = 200", "peer_rate_per_sec = 100000")
+            .replace("peer_burst = 400", "peer_burst = 100000");
+        std::fs::write(&path, text).map_err(err)?;
+    }
+    say(&format!(
+        "built a testnet of {nodes} ICBs in {}",
+        dir.display()
+    ));
+    Ok(t)
+}
+
+async fn start(t: &Testnet, say: &dyn Fn(&str)) -> Result<(), String> {
+    setup::start_all(t).map_err(err)?;
+    setup::wait_connected(t, Duration::from_secs(180))
+        .await
+        .map_err(err)?;
+    say(&format!("{} nodes up, full mesh", t.nodes.len()));
+    Ok(())
+}
+
+fn pid(node: &NodeInfo) -> Option<u32> {
+    std::fs::read_to_string(node.dir.join("node.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn kill_hard(node: &NodeInfo) {
+    if let Some(pid) = pid(node) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+/// The patients a testnet's build gave each ICB (see `setup::build`).
+fn testnet_patients(t: &Testnet, per_icb: u32) -> Vec<NhsNumber> {
+    let total = per_icb as usize * t.nodes.len();
+    (0..total)
+        .map(|k| data::nhs_number(100 + 13 * k as u32))
+        .collect()
+}
+
+/// One locate through a node's control socket: latency in ms and the reports.
+async fn locate_once(
+    socket: &Path,
+    nhs: NhsNumber,
+    ctx: &RequesterContext,
+) -> Result<(f64, Vec<IcbReport>), String> {
+    let started = Instant::now();
+    let answer = daemon::control(
+        socket,
+        &ControlRequest::Locate {
+            nhs_number: nhs,
+            context: ctx.clone(),
+        },
+    )
+    .await
+    .map_err(err)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    match answer {
+        ControlResponse::Located { icbs } => Ok((ms, icbs)),
+        ControlResponse::Error { message } => Err(message),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+fn failed(reports: &[IcbReport], dead: Option<&str>) -> usize {
+    reports
+        .iter()
+        .filter(|r| Some(r.ods.as_str()) != dead)
+        .filter(|r| !matches!(r.outcome.as_str(), "pointers" | "no-records" | "withheld"))
+        .count()
+}
+
+/// Locates `count` patients with `parallel` in flight; latencies in ms and
+/// the number of ICB answers that were not answers.
+async fn locate_run(
+    node: &NodeInfo,
+    patients: &[NhsNumber],
+    count: usize,
+    parallel: usize,
+    dead: Option<&str>,
+) -> Result<(Vec<f64>, usize, usize), String> {
+    let socket = Arc::new(node.dir.join("control.sock"));
+    let ctx = Arc::new(context(&node.ods)?);
+    let patients = Arc::new(patients.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let dead = dead.map(str::to_owned);
+    let mut workers = Vec::new();
+    for _ in 0..parallel {
+        let (socket, ctx, patients, next, dead) = (
+            Arc::clone(&socket),
+            Arc::clone(&ctx),
+            Arc::clone(&patients),
+            Arc::clone(&next),
+            dead.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = 0;
+            let mut dead_flagged = 0;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return Ok::<_, String>((latencies, failures, dead_flagged));
+                }
+                let Some(nhs) = patients.get(i * 7919 % patients.len().max(1)) else {
+                    return Err("no patients".into());
+                };
+                let (ms, reports) = locate_once(&socket, *nhs, &ctx).await?;
+                latencies.push(ms);
+                failures += failed(&reports, dead.as_deref());
+                if let Some(dead) = &dead
+                    && reports.iter().any(|r| {
+                        &r.ods == dead && matches!(r.outcome.as_str(), "unreachable" | "timed-out")
+                    })
+                {
+                    dead_flagged += 1;
+                }
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    let mut failures = 0;
+    let mut flagged = 0;
+    for worker in workers {
+        let (latencies, f, d) = worker.await.map_err(err)??;
+        all.extend(latencies);
+        failures += f;
+        flagged += d;
+    }
+    Ok((all, failures, flagged))
+}
+
+/// Starts `count` floor nodes and connects a floor client to them.
+async fn floor_net(
+    dir: &Path,
+    count: usize,
+    cleanup: &mut Cleanup,
+) -> Result<(FloorClient, Vec<libp2p::PeerId>), String> {
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let exe = std::env::current_exe().map_err(err)?;
+    let mut ready_files = Vec::new();
+    for i in 0..count {
+        let ready = dir.join(format!("floor-{i}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let child = Command::new(&exe)
+            .arg("floor-node")
+            .arg("--ready")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(err)?;
+        cleanup.children.push(child);
+        ready_files.push(ready);
+    }
+    let client = FloorClient::start()?;
+    let mut peers = Vec::new();
+    for ready in ready_files {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            match std::fs::read_to_string(&ready) {
+                Ok(text) if !text.is_empty() => break text,
+                _ if Instant::now() > deadline => {
+                    return Err(format!("floor node {} did not start", ready.display()));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (peer, addr) = text.split_once(' ').ok_or("bad floor ready file")?;
+        let peer: libp2p::PeerId = peer.parse().map_err(err)?;
+        client
+            .dial(peer, addr.parse().map_err(err)?)
+            .await
+            .map_err(|e| format!("floor dial: {e}"))?;
+        peers.push(peer);
+    }
+    Ok((client, peers))
+}
+
+/// Floor fan-outs: latencies in ms.
+async fn floor_fan_out_run(
+    client: &FloorClient,
+    peers: &[libp2p::PeerId],
+    request: &[u8],
+    count: usize,
+    parallel: usize,
+) -> Result<Vec<f64>, String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let peers = Arc::new(peers.to_vec());
+    let request = Arc::new(request.to_vec());
+    let mut workers = Vec::new();
+    for _ in 0..parallel {
+        let (client, peers, request, next) = (
+            client.clone(),
+            Arc::clone(&peers),
+            Arc::clone(&request),
+            Arc::clone(&next),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let started = Instant::now();
+                client.fan_out(&peers, &request).await?;
+                latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            Ok::<_, String>(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(worker.await.map_err(err)??);
+    }
+    Ok(all)
+}
+
+/// Samples a process's RSS every 100 ms until stopped; returns the peak.
+fn sample_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(Ordering::Relaxed) {
+            peak = peak.max(rss_bytes(pid).unwrap_or(0));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak
+    });
+    (stop, handle)
+}
+
+/// Restarts a node and times process start to ready.
+async fn restart_timed(node: &NodeInfo) -> Result<f64, String> {
+    if let Some(pid) = pid(node) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid) {
+            if Instant::now() > deadline {
+                return Err(format!("node {} did not stop", node.ods));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = std::fs::remove_file(node.dir.join("control.sock"));
+    let started = Instant::now();
+    setup::start_one(node)?;
+    let deadline = started + Duration::from_secs(120);
+    loop {
+        if let Some((_, true)) = setup::node_status(node).await {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("node {} not ready after 120 s", node.ods));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Fetch clients in a closed loop for `secs`: completed fetches per second,
+/// and failures.
+async fn fetch_closed_loop(
+    node: &NodeInfo,
+    targets: &[(NhsNumber, String)],
+    secs: f64,
+) -> Result<(f64, usize), String> {
+    let socket = Arc::new(node.dir.join("control.sock"));
+    let ctx = Arc::new(context(&node.ods)?);
+    let targets = Arc::new(targets.to_vec());
+    let done = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..FETCH_CLIENTS {
+        let (socket, ctx, targets, done, failures) = (
+            Arc::clone(&socket),
+            Arc::clone(&ctx),
+            Arc::clone(&targets),
+            Arc::clone(&done),
+            Arc::clone(&failures),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut i = w;
+            while Instant::now() < until {
+                let Some((nhs, pointer)) = targets.get(i % targets.len().max(1)) else {
+                    return;
+                };
+                i += FETCH_CLIENTS;
+                match fetch_once(&socket, *nhs, pointer, &ctx).await {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failures.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.map_err(err)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok((
+        done.load(Ordering::Relaxed) as f64 / elapsed,
+        failures.load(Ordering::Relaxed) as usize,
+    ))
+}
+
+async fn fetch_once(
+    socket: &Path,
+    nhs: NhsNumber,
+    pointer: &str,
+    ctx: &RequesterContext,
+) -> Result<(), String> {
+    match daemon::control(
+        socket,
+        &ControlRequest::Fetch {
+            nhs_number: nhs,
+            pointer_id: pointer.to_owned(),
+            context: ctx.clone(),
+        },
+    )
+    .await
+    .map_err(err)?
+    {
+        ControlResponse::Fetched { records, .. } if records.len() == 1 => Ok(()),
+        ControlResponse::Error { message } => Err(message),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Fetches at a fixed `rate` for `secs`; latency of each from its scheduled
+/// start (so queueing counts), in ms, and failures.
+async fn fetch_paced(
+    node: &NodeInfo,
+    targets: &[(NhsNumber, String)],
+    rate: f64,
+    secs: f64,
+) -> Result<(Vec<f64>, usize), String> {
+    let socket = Arc::new(node.dir.join("control.sock"));
+    let ctx = Arc::new(context(&node.ods)?);
+    let slots = Arc::new(tokio::sync::Semaphore::new(FETCH_CLIENTS));
+    let total = (rate * secs) as usize;
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let Some((nhs, pointer)) = targets.get(i % targets.len().max(1)).cloned() else {
+            break;
+        };
+        let (socket, ctx, slots) = (Arc::clone(&socket), Arc::clone(&ctx), Arc::clone(&slots));
+        tasks.push(tokio::spawn(async move {
+            let _permit = slots.acquire_owned().await.map_err(err)?;
+            fetch_once(&socket, nhs, &pointer, &ctx).await?;
+            Ok::<_, String>(due.elapsed().as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut failures = 0;
+    for task in tasks {
+        match task.await.map_err(err)? {
+            Ok(ms) => latencies.push(ms),
+            Err(_) => failures += 1,
+        }
+    }
+    Ok((latencies, failures))
+}
+
+/// Floor request-response in a closed loop for `secs`: answers per second.
+async fn floor_closed_loop(
+    client: &FloorClient,
+    peer: libp2p::PeerId,
+    request: &[u8],
+    secs: f64,
+) -> Result<f64, String> {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..FETCH_CLIENTS {
+        let (client, request, done) = (client.clone(), request.to_vec(), Arc::clone(&done));
+        workers.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                client.request(peer, request.clone()).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for worker in workers {
+        worker.await.map_err(err)??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Ingest: careweave's importer against raw sled inserts of the same bytes
+/// with the same flushing. Records per second for each.
+fn ingest_run(dir: &Path, records: usize) -> Result<(f64, f64), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let ods = OdsCode::parse("QHG").map_err(err)?;
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, config::template(&ods, "bench ingest")).map_err(err)?;
+    let loaded = config::load(&config_path, []).map_err(err)?;
+    let keys = NodeKeys::generate().map_err(err)?;
+    let store = Store::open(
+        &dir.join("careweave"),
+        loaded.config.store.cache_mb * 1024 * 1024,
+    )
+    .map_err(err)?;
+    let patients = numbers(900_000, records / RECORDS_PER_PATIENT + 1);
+    let (stored, _, secs) = import_into(
+        &store,
+        &loaded,
+        &keys,
+        "QHG",
+        &Synthetic {
+            patients: &patients,
+            per_patient: RECORDS_PER_PATIENT,
+            first: 0,
+            count: records,
+            bytes: INGEST_RECORD_BYTES,
+        },
+    )?;
+    let careweave = stored as f64 / secs;
+
+    // The floor: the same bytes, raw, flushed every batch.
+    let lines: Vec<Vec<u8>> = (0..records)
+        .map(|i| {
+            let nhs = patients
+                .get(i / RECORDS_PER_PATIENT)
+                .copied()
+                .unwrap_or(data::nhs_number(0));
+            serde_json::to_vec(&data::sized_observation(
+                &nhs,
+                "QHG",
+                i as u64,
+                INGEST_RECORD_BYTES,
+            ))
+            .unwrap_or_default()
+        })
+        .collect();
+    let db = sled::Config::new()
+        .path(dir.join("raw"))
+        .cache_capacity(loaded.config.store.cache_mb * 1024 * 1024)
+        .open()
+        .map_err(err)?;
+    let batch = loaded.config.import.batch_records;
+    let started = Instant::now();
+    for (i, line) in lines.iter().enumerate() {
+        db.insert((i as u64).to_be_bytes(), line.as_slice())
+            .map_err(err)?;
+        if (i + 1) % batch == 0 {
+            db.flush().map_err(err)?;
+        }
+    }
+    db.flush().map_err(err)?;
+    let raw = records as f64 / started.elapsed().as_secs_f64();
+    drop(db);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok((careweave, raw))
+}
+
+/// Locates resolving to pointer ids at `custodian`, for the fetch figures.
+async fn fetch_targets(
+    asker: &NodeInfo,
+    custodian: &str,
+    patients: &[NhsNumber],
+) -> Result<Vec<(NhsNumber, String)>, String> {
+    let ctx = context(&asker.ods)?;
+    let socket = asker.dir.join("control.sock");
+    let mut targets = Vec::new();
+    for nhs in patients {
+        let (_, reports) = locate_once(&socket, *nhs, &ctx).await?;
+        let pointer = reports
+            .iter()
+            .filter(|r| r.ods == custodian)
+            .flat_map(|r| r.pointers.iter())
+            .next()
+            .map(|p| p.id.clone())
+            .ok_or_else(|| format!("no pointer at {custodian} for {nhs}"))?;
+        targets.push((*nhs, pointer));
+    }
+    Ok(targets)
+}
+
+/// Runs the benchmark and writes `bench.json` and `bench.md` to `out`.
+/// Returns the figures; `say` reports progress.
+pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figure>, String> {
+    let scale = if options.quick {
+        Scale::quick()
+    } else {
+        Scale::full()
+    };
+    std::fs::create_dir_all(&options.dir).map_err(err)?;
+    std::fs::create_dir_all(&options.out).map_err(err)?;
+    let machine = machine();
+    say(&format!("machine: {machine}"));
+    let sizes = message_sizes()?;
+    let mut cleanup = Cleanup {
+        testnets: vec![],
+        children: vec![],
+    };
+    let mut figures = Vec::new();
+
+    // Ingest, in this process: careweave's importer and raw sled.
+    let mut ours = Vec::new();
+    let mut raw = Vec::new();
+    for run in 0..scale.runs {
+        let (c, r) = ingest_run(&options.dir.join("ingest"), scale.ingest_records)?;
+        say(&format!(
+            "ingest run {}: careweave {c:.0} records/s, raw sled {r:.0} records/s",
+            run + 1
+        ));
+        ours.push(c);
+        raw.push(r);
+    }
+    let raw_median = median(&raw);
+    let ingest = Figure::new(
+        "ingest, 1 KiB FHIR resources signed and indexed",
+        "records/s",
+        ours,
+    );
+    let met = ingest.value >= 20_000.0 && ingest.value >= 0.5 * raw_median;
+    figures.push(
+        ingest
+            .floor(raw_median)
+            .target("≥ 20 000/s and ≥ 50% of raw sled", met),
+    );
+
+    // The main testnet; its first node holds the large store.
+    let main_dir = options.dir.join("main");
+    let t = build(&main_dir, scale.icbs, scale.patients_per_icb, say)?;
+    cleanup.testnets.push(main_dir.clone());
+    let first = t.nodes.first().cloned().ok_or("empty testnet")?;
+    let big_patients = numbers(100_000, scale.big_records / RECORDS_PER_PATIENT);
+    say(&format!(
+        "importing {} records into {}",
+        scale.big_records, first.ods
+    ));
+    let (stored, raw_bytes, secs) = import_sized(
+        &first,
+        &Synthetic {
+            patients: &big_patients,
+            per_patient: RECORDS_PER_PATIENT,
+            first: 0,
+            count: scale.big_records,
+            bytes: INGEST_RECORD_BYTES,
+        },
+    )?;
+    say(&format!(
+        "imported {stored} records ({:.0}/s)",
+        stored as f64 / secs
+    ));
+    let store_bytes = dir_size(&first.dir.join("store"));
+    let per_record = store_bytes as f64 / stored.max(1) as f64;
+    let raw_per_record = raw_bytes as f64 / stored.max(1) as f64;
+    figures.push(
+        Figure::new(
+            format!("store size per record ({} records)", stored),
+            "bytes",
+            vec![per_record],
+        )
+        .floor(raw_per_record)
+        .target(
+            "≤ 2× the raw record bytes",
+            per_record <= 2.0 * raw_per_record,
+        ),
+    );
+    start(&t, say).await?;
+
+    let mut startups = Vec::new();
+    for _ in 0..scale.runs {
+        startups.push(restart_timed(&first).await?);
+    }
+    setup::wait_connected(&t, Duration::from_secs(120))
+        .await
+        .map_err(err)?;
+    let startup = Figure::new(
+        format!("start-up to ready, {} records", stored),
+        "s",
+        startups,
+    );
+    let met = startup.value <= 2.0;
+    figures.push(startup.target("≤ 2 s", met));
+
+    // Locate, sequential and 8 in parallel, with the RSS of the large node.
+    let mut patients = testnet_patients(&t, scale.patients_per_icb);
+    patients.extend(big_patients.iter().step_by(7).take(2000));
+    let first_pid = pid(&first).ok_or("first node has no pid")?;
+    let rss_before = rss_bytes(first_pid).unwrap_or(0);
+    let (stop_sampling, sampler) = sample_rss(first_pid);
+    locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
+    let mut seq = Vec::new();
+    let mut par = Vec::new();
+    let mut failures = 0;
+    for run in 0..scale.runs {
+        let (ms, f, _) = locate_run(&first, &patients, scale.locate_sequential, 1, None).await?;
+        let l = latency(ms);
+        say(&format!(
+            "locate run {}: sequential p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
+            run + 1,
+            l.p50,
+            l.p99,
+            l.p999
+        ));
+        seq.push(l);
+        failures += f;
+        let (ms, f, _) =
+            locate_run(&first, &patients, scale.locate_parallel, PARALLEL, None).await?;
+        let l = latency(ms);
+        say(&format!(
+            "locate run {}: 8 parallel p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
+            run + 1,
+            l.p50,
+            l.p99,
+            l.p999
+        ));
+        par.push(l);
+        failures += f;
+    }
+    stop_sampling.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap_or(0);
+    let rss_after = rss_bytes(first_pid).unwrap_or(0);
+    say(&format!(
+        "RSS of {}: {} MiB before locate load, peak {} MiB, {} MiB after",
+        first.ods,
+        rss_before / 1024 / 1024,
+        peak / 1024 / 1024,
+        rss_after / 1024 / 1024
+    ));
+
+    // The floor: plain request-response fan-out to as many peers.
+    say("starting the plain libp2p floor");
+    let (client, floor_peers) =
+        floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
+    let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
+    floor_fan_out_run(&client, &floor_peers, &locate_request, WARM_UP, PARALLEL).await?;
+    let mut floor_seq = Vec::new();
+    let mut floor_par = Vec::new();
+    for _ in 0..scale.runs {
+        let ms = floor_fan_out_run(
+            &client,
+            &floor_peers,
+            &locate_request,
+            scale.locate_sequential,
+            1,
+        )
+        .await?;
+        floor_seq.push(latency(ms));
+        let ms = floor_fan_out_run(
+            &client,
+            &floor_peers,
+            &locate_request,
+            scale.locate_parallel,
+            PARALLEL,
+        )
+        .await?;
+        floor_par.push(latency(ms));
+    }
+    for (label, ours, floor) in [
+        ("sequential", &seq, &floor_seq),
+        ("8 in parallel", &par, &floor_par),
+    ] {
+        let pick = |l: &[Latency], f: fn(&Latency) -> f64| l.iter().map(f).collect::<Vec<_>>();
+        let p50 = Figure::new(
+            format!("locate p50, {} ICBs, {label}", scale.icbs),
+            "ms",
+            pick(ours, |l| l.p50),
+        );
+        let floor_p50 = median(&pick(floor, |l| l.p50));
+        let met = p50.value <= 10.0 && p50.value <= 1.5 * floor_p50;
+        figures.push(p50.floor(floor_p50).target("≤ 10 ms and ≤ 1.5× floor", met));
+        let p99 = Figure::new(
+            format!("locate p99, {} ICBs, {label}", scale.icbs),
+            "ms",
+            pick(ours, |l| l.p99),
+        );
+        let floor_p99 = median(&pick(floor, |l| l.p99));
+        let met = p99.value <= 20.0 && p99.value <= 2.0 * floor_p99;
+        figures.push(p99.floor(floor_p99).target("≤ 20 ms and ≤ 2× floor", met));
+        let floor_p999 = median(&pick(floor, |l| l.p999));
+        figures.push(
+            Figure::new(
+                format!("locate p99.9, {} ICBs, {label}", scale.icbs),
+                "ms",
+                pick(ours, |l| l.p999),
+            )
+            .floor(floor_p999),
+        );
+    }
+    figures.push(
+        Figure::new(
+            "locate answers that were not answers (refused, timed out, unreachable)",
+            "count",
+            vec![failures as f64],
+        )
+        .target("0", failures == 0),
+    );
+    let memory = Figure::new(
+        format!(
+            "node RSS under locate load, {} records, {} peers",
+            stored,
+            scale.icbs - 1
+        ),
+        "MiB",
+        vec![peak as f64 / 1024.0 / 1024.0],
+    );
+    let met = memory.value <= 256.0;
+    figures.push(memory.target("≤ 256 MiB", met));
+    let mut growth: Vec<(usize, f64)> = vec![(scale.icbs, median(&pick_p50(&seq)))];
+
+    // One ICB dead.
+    let dead = t.nodes.last().cloned().ok_or("empty testnet")?;
+    kill_hard(&dead);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut dead_p99 = Vec::new();
+    let mut flagged_all = true;
+    for _ in 0..scale.runs {
+        let count = scale.locate_sequential / 2;
+        let (ms, f, flagged) =
+            locate_run(&first, &patients, count, 1, Some(dead.ods.as_str())).await?;
+        flagged_all &= flagged == count && f == 0;
+        dead_p99.push(latency(ms).p99);
+    }
+    let dead_fig = Figure::new(
+        format!("locate p99 with one of {} ICBs killed", scale.icbs),
+        "ms",
+        dead_p99,
+    );
+    let met = dead_fig.value <= DEADLINE_MS + 5.0 && flagged_all;
+    figures.push(dead_fig.target(
+        format!(
+            "≤ deadline ({DEADLINE_MS:.0} ms) + 5 ms, dead ICB flagged every time{}",
+            if flagged_all { "" } else { " (it was not)" }
+        ),
+        met,
+    ));
+    setup::stop_all(&main_dir);
+    let _ = std::fs::remove_dir_all(main_dir.join("nodes"));
+
+    // Growth with ICBs.
+    for &n in &scale.growth_icbs {
+        let dir = options.dir.join(format!("growth-{n}"));
+        let t = build(&dir, n, scale.patients_per_icb, say)?;
+        cleanup.testnets.push(dir.clone());
+        start(&t, say).await?;
+        let node = t.nodes.first().cloned().ok_or("empty testnet")?;
+        let patients = testnet_patients(&t, scale.patients_per_icb);
+        locate_run(&node, &patients, WARM_UP, 1, None).await?;
+        let mut p50s = Vec::new();
+        for _ in 0..scale.runs {
+            let (ms, _, _) = locate_run(&node, &patients, scale.locate_sequential, 1, None).await?;
+            p50s.push(latency(ms).p50);
+        }
+        growth.push((n, median(&p50s)));
+        setup::stop_all(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    growth.sort_by_key(|(n, _)| *n);
+    for (n, p50) in &growth {
+        figures.push(Figure::new(
+            format!("locate p50, {n} ICBs, sequential"),
+            "ms",
+            vec![*p50],
+        ));
+    }
+    if let (Some((n0, p0)), Some((n1, p1))) = (growth.first(), growth.last()) {
+        let ratio = p1 / p0;
+        let allowed = *n1 as f64 / *n0 as f64;
+        figures.push(
+            Figure::new(
+                format!("locate p50 growth from {n0} to {n1} ICBs"),
+                "×",
+                vec![ratio],
+            )
+            .target(format!("≤ {allowed:.1}× (linear)"), ratio <= allowed),
+        );
+    }
+
+    // Growth with records per node.
+    let dir = options.dir.join("growth-records");
+    let t = build(&dir, scale.growth_nodes, scale.patients_per_icb, say)?;
+    cleanup.testnets.push(dir.clone());
+    let per_node_patients: Vec<Vec<NhsNumber>> = (0..t.nodes.len())
+        .map(|i| {
+            let count = scale.growth_records[1] / RECORDS_PER_PATIENT;
+            numbers(200_000 + (i * 140_000) as u32, count)
+        })
+        .collect();
+    let mut record_p50 = Vec::new();
+    let mut imported = 0;
+    for &target in &scale.growth_records {
+        say(&format!(
+            "importing up to {target} records into each of {} nodes",
+            t.nodes.len()
+        ));
+        import_all(&t, &per_node_patients, imported, target - imported)?;
+        imported = target;
+        start(&t, say).await?;
+        let node = t.nodes.first().cloned().ok_or("empty testnet")?;
+        let mut patients: Vec<NhsNumber> = per_node_patients
+            .iter()
+            .flat_map(|p| p.iter().take(target / RECORDS_PER_PATIENT).step_by(11))
+            .copied()
+            .collect();
+        patients.truncate(5000);
+        locate_run(&node, &patients, WARM_UP, 1, None).await?;
+        let mut p50s = Vec::new();
+        for _ in 0..scale.runs {
+            let (ms, _, _) = locate_run(&node, &patients, scale.locate_sequential, 1, None).await?;
+            p50s.push(latency(ms).p50);
+        }
+        let p50 = median(&p50s);
+        say(&format!(
+            "locate p50 with {target} records per node: {p50:.2} ms"
+        ));
+        figures.push(Figure::new(
+            format!(
+                "locate p50, {} ICBs, {target} records per node",
+                t.nodes.len()
+            ),
+            "ms",
+            p50s,
+        ));
+        record_p50.push(p50);
+        setup::stop_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let [small, large] = record_p50.as_slice() {
+        let ratio = large / small;
+        figures.push(
+            Figure::new(
+                format!(
+                    "locate p50 growth from {} to {} records per node",
+                    scale.growth_records[0], scale.growth_records[1]
+                ),
+                "×",
+                vec![ratio],
+            )
+            .target("≤ 1.5×", ratio <= 1.5),
+        );
+    }
+
+    // Fetch: one node serving 4 KiB records to another.
+    let dir = options.dir.join("fetch");
+    let t = build(&dir, 2, 5, say)?;
+    cleanup.testnets.push(dir.clone());
+    let (asker, custodian) = match t.nodes.as_slice() {
+        [a, b] => (a.clone(), b.clone()),
+        _ => return Err("fetch testnet needs two nodes".into()),
+    };
+    let fetch_patients = numbers(800_000, scale.fetch_patients);
+    import_sized(
+        &custodian,
+        &Synthetic {
+            patients: &fetch_patients,
+            per_patient: 1,
+            first: 0,
+            count: scale.fetch_patients,
+            bytes: FETCH_RECORD_BYTES,
+        },
+    )?;
+    start(&t, say).await?;
+    let targets = fetch_targets(&asker, &custodian.ods, &fetch_patients).await?;
+    fetch_closed_loop(&asker, &targets, 0.5).await?;
+    let mut throughput = Vec::new();
+    let mut fetch_failures = 0;
+    for run in 0..scale.runs {
+        let (rate, f) = fetch_closed_loop(&asker, &targets, scale.fetch_secs).await?;
+        say(&format!("fetch run {}: {rate:.0} fetches/s", run + 1));
+        throughput.push(rate);
+        fetch_failures += f;
+    }
+    let rate = median(&throughput);
+    let mut p99s = Vec::new();
+    for _ in 0..scale.runs {
+        let (ms, f) = fetch_paced(&asker, &targets, rate * 0.8, scale.fetch_secs).await?;
+        fetch_failures += f;
+        p99s.push(latency(ms).p99);
+    }
+    setup::stop_all(&dir);
+    let (floor_client, floor_peer) =
+        floor_net(&options.dir.join("floor-fetch"), 1, &mut cleanup).await?;
+    let floor_peer = *floor_peer.first().ok_or("no floor node")?;
+    let fetch_request = floor::request_bytes(sizes.fetch_request, sizes.fetch_response);
+    let mut floor_rates = Vec::new();
+    for _ in 0..scale.runs {
+        floor_rates.push(
+            floor_closed_loop(&floor_client, floor_peer, &fetch_request, scale.fetch_secs).await?,
+        );
+    }
+    let floor_rate = median(&floor_rates);
+    let fetch = Figure::new(
+        format!("fetch throughput, {FETCH_RECORD_BYTES}-byte records, {FETCH_CLIENTS} clients"),
+        "fetches/s",
+        throughput,
+    );
+    let met = fetch.value >= 5000.0;
+    figures.push(fetch.floor(floor_rate).target("≥ 5 000/s", met));
+    let p99 = Figure::new("fetch p99 at 80% of that rate", "ms", p99s);
+    let met = p99.value <= 20.0;
+    figures.push(p99.target("≤ 20 ms", met));
+    figures.push(
+        Figure::new("fetches that failed", "count", vec![fetch_failures as f64])
+            .target("0", fetch_failures == 0),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(client);
+    drop(floor_client);
+    drop(cleanup);
+
+    write_results(options, &machine, &sizes, &figures)?;
+    Ok(figures)
+}
+
+fn pick_p50(runs: &[Latency]) -> Vec<f64> {
+    runs.iter().map(|l| l.p50).collect()
+}
+
+/// Imports `count` more records into every node of a stopped testnet, two
+/// nodes at a time (the machine's cores).
+fn import_all(
+    t: &Testnet,
+    patients: &[Vec<NhsNumber>],
+    first_record: usize,
+    count: usize,
+) -> Result<(), String> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for chunk in t
+        .nodes
+        .iter()
+        .zip(patients)
+        .collect::<Vec<_>>()
+        .chunks(threads)
+    {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = chunk
+                .iter()
+                .map(|(node, patients)| {
+                    s.spawn(move || {
+                        import_sized(
+                            node,
+                            &Synthetic {
+                                patients,
+                                per_patient: RECORDS_PER_PATIENT,
+                                first: first_record,
+                                count,
+                                bytes: INGEST_RECORD_BYTES,
+                            },
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .map_err(|_| "import thread failed".to_owned())?
+                    .map(|_| ())
+            })
+        })?;
+    }
+    Ok(())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn format_value(value: f64) -> String {
+    if !value.is_finite() {
+        "—".into()
+    } else if value >= 100.0 || value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// The Markdown table of a run.
+pub fn markdown(machine: &Value, figures: &[Figure]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Machine: {} ({} cores, {} GiB), Linux {}, {}, {} build, {}.\n\n",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cores"],
+        machine["memory_gib"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["rustc"].as_str().unwrap_or("?"),
+        machine["build"].as_str().unwrap_or("?"),
+        machine["date"].as_str().unwrap_or("?"),
+    ));
+    out.push_str(
+        "| figure | measured (median) | runs | target | floor, same run | ratio | met |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    for f in figures {
+        out.push_str(&format!(
+            "| {} | {} {} | {} | {} | {} | {} | {} |\n",
+            f.name,
+            format_value(f.value),
+            f.unit,
+            f.runs
+                .iter()
+                .map(|v| format_value(*v))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if f.target.is_empty() {
+                "—"
+            } else {
+                &f.target
+            },
+            f.floor
+                .map_or("—".into(), |v| format!("{} {}", format_value(v), f.unit)),
+            f.ratio.map_or("—".into(), |r| format!("{r:.2}×")),
+            match f.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            }
+        ));
+    }
+    out
+}
+
+fn write_results(
+    options: &BenchOptions,
+    machine: &Value,
+    sizes: &Sizes,
+    figures: &[Figure],
+) -> Result<(), String> {
+    let json = json!({
+        "quick": options.quick,
+        "machine": machine,
+        "message_bytes": {
+            "locate_request": sizes.locate_request,
+            "locate_response": sizes.locate_response,
+            "fetch_request": sizes.fetch_request,
+            "fetch_response": sizes.fetch_response,
+        },
+        "figures": figures.iter().map(Figure::to_json).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        options.out.join("bench.json"),
+        serde_json::to_vec_pretty(&json).map_err(err)?,
+    )
+    .map_err(err)?;
+    std::fs::write(options.out.join("bench.md"), markdown(machine, figures)).map_err(err)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let ms: Vec<f64> = (1..=1000).map(f64::from).collect();
+        assert_eq!(percentile(&ms, 50.0), 500.0);
+        assert_eq!(percentile(&ms, 99.0), 990.0);
+        assert_eq!(percentile(&ms, 99.9), 999.0);
+        assert_eq!(percentile(&[3.0], 99.9), 3.0);
+        assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn median_of_even_and_odd_runs() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn floor_sets_the_ratio_and_targets_say_whether_met() {
+        let f = Figure::new("x", "ms", vec![3.0, 6.0, 4.0])
+            .floor(2.0)
+            .target("≤ 5", false);
+        assert_eq!(f.value, 4.0);
+        assert_eq!(f.ratio, Some(2.0));
+        assert_eq!(f.met, Some(false));
+        let table = markdown(&machine(), &[f]);
+        assert!(
+            table.contains("| x | 4.00 ms | 3.00, 6.00, 4.00 | ≤ 5 | 2.00 ms | 2.00× | **no** |")
+        );
+    }
+
+    #[test]
+    fn message_sizes_come_from_real_messages() {
+        let s = message_sizes().unwrap();
+        assert!(s.locate_request > 300 && s.locate_request < 1000, "{s:?}");
+        assert!(s.fetch_response > FETCH_RECORD_BYTES, "{s:?}");
+    }
+
+    #[test]
+    fn numbers_are_distinct_and_valid() {
+        let n = numbers(5, 500);
+        assert_eq!(n.len(), 500);
+        let mut unique = n.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), 500);
+        assert!(n.iter().all(NhsNumber::is_test_range));
+    }
+}
