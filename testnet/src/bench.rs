@@ -1583,15 +1583,16 @@ mod tests {
 
     #[test]
     fn floor_sets_the_ratio_and_targets_say_whether_met() {
-        let f = Figure::new("x", "ms", vec![3.0, 6.0, 4.0])
-            .floor(2.0)
-            .target("≤ 5", false);
-        assert_eq!(f.value, 4.0);
-        assert_eq!(f.ratio, Some(2.0));
+        let f = Figure::new("x", "ms", vec![3.5, 6.5, 4.5])
+            .floor(1.5)
+            .target("≤ 4", false);
+        assert_eq!(f.value, 4.5);
+        assert_eq!(f.ratio, Some(3.0));
         assert_eq!(f.met, Some(false));
         let table = markdown(&machine(), &[f]);
         assert!(
-            table.contains("| x | 4.00 ms | 3.00, 6.00, 4.00 | ≤ 5 | 2.00 ms | 2.00× | **no** |")
+            table.contains("| x | 4.50 ms | 3.50, 6.50, 4.50 | ≤ 4 | 1.50 ms | 3.00× | **no** |"),
+            "{table}"
         );
     }
 
