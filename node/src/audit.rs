@@ -164,38 +164,49 @@ impl AuditLog {
     /// Appends an entry and flushes it; signs a checkpoint when one is due.
     /// Returns the entry's index. An error means the entry is not in the log
     /// and the caller must not release data.
+    ///
+    /// The lock covers only the in-memory tree and the write; the journal
+    /// sync comes after it, so concurrent appends share one sync.
     pub fn append(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
         let bytes = cbor::encode(entry).map_err(|e| AuditError::Encode(e.to_string()))?;
         let leaf = audit::leaf_hash(&bytes);
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let index = self
-            .store
-            .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
-        state.range.append(leaf);
-        if state.last_checkpoint_time == 0 {
-            state.last_checkpoint_time = entry.time;
-        }
-        let due = state.range.size() - state.last_checkpoint_size >= self.every_entries
-            || entry.time.saturating_sub(state.last_checkpoint_time) >= self.every_secs;
-        if due {
-            self.checkpoint_locked(&mut state, entry.time)?;
-        }
+        let index = {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let index = self
+                .store
+                .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
+            state.range.append(leaf);
+            if state.last_checkpoint_time == 0 {
+                state.last_checkpoint_time = entry.time;
+            }
+            let due = state.range.size() - state.last_checkpoint_size >= self.every_entries
+                || entry.time.saturating_sub(state.last_checkpoint_time) >= self.every_secs;
+            if due {
+                self.checkpoint_locked(&mut state, entry.time)?;
+            }
+            index
+        };
+        self.store.sync_journal()?;
         Ok(index)
     }
 
     /// Signs a checkpoint now if entries were added since the last one.
     pub fn checkpoint(&self, now: u64) -> Result<Option<u64>, AuditError> {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.range.size() == state.last_checkpoint_size {
-            return Ok(None);
-        }
-        self.checkpoint_locked(&mut state, now).map(Some)
+        let size = {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if state.range.size() == state.last_checkpoint_size {
+                return Ok(None);
+            }
+            self.checkpoint_locked(&mut state, now)?
+        };
+        self.store.flush()?;
+        Ok(Some(size))
     }
 
     fn checkpoint_locked(&self, state: &mut LogState, now: u64) -> Result<u64, AuditError> {

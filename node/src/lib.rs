@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod fhir;
 pub mod import;
+mod journal;
 pub mod keys;
 pub mod net;
 pub mod node;

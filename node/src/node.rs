@@ -7,6 +7,7 @@
 //! checks on its response (audited before anything is handed on).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
@@ -60,7 +61,7 @@ impl Metrics {
 #[derive(Debug, Clone)]
 pub struct TrustState {
     pub root: AcceptedRoot,
-    pub list: Option<AcceptedList>,
+    pub list: Option<Arc<AcceptedList>>,
 }
 
 /// Problems opening or running a node.
@@ -209,7 +210,9 @@ pub struct Node {
     pub store: Store,
     pub audit: AuditLog,
     pub metrics: Metrics,
-    trust: RwLock<Option<TrustState>>,
+    /// Shared, never copied: every request reads it, and a 42-member list
+    /// is hundreds of allocations to clone.
+    trust: RwLock<Option<Arc<TrustState>>>,
     ods: OdsCode,
     peer_id: PeerIdBytes,
 }
@@ -286,7 +289,7 @@ impl Node {
             .ok()
             .flatten()
             .and_then(|bytes| match trust::accept_list(&root, None, &bytes, now) {
-                Ok(list) => Some(list),
+                Ok(list) => Some(Arc::new(list)),
                 Err(e) => {
                     tracing::warn!(error = %e, "the stored trust list is not current; this node answers nothing until a new list arrives");
                     None
@@ -299,11 +302,11 @@ impl Node {
         *self
             .trust
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state.map(Arc::new);
     }
 
     /// The trust state now.
-    pub fn trust(&self) -> Option<TrustState> {
+    pub fn trust(&self) -> Option<Arc<TrustState>> {
         self.trust
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -324,7 +327,7 @@ impl Node {
             .set_trust_bytes("network", accepted.root().network.as_bytes())?;
         // A list signed under the old root stays until a new one arrives.
         let list = held
-            .and_then(|s| s.list)
+            .and_then(|s| s.list.clone())
             .filter(|l| l.list().root_version == version);
         self.set_trust(Some(TrustState {
             root: accepted,
@@ -336,7 +339,7 @@ impl Node {
     /// Installs a trust list under the held root. Returns its seq.
     pub fn install_list(&self, bytes: &[u8], now: u64) -> Result<u64, NodeError> {
         let state = self.trust().ok_or(NodeError::NoRoot)?;
-        let accepted = match trust::accept_list(&state.root, state.list.as_ref(), bytes, now) {
+        let accepted = match trust::accept_list(&state.root, state.list.as_deref(), bytes, now) {
             Ok(list) => list,
             Err(e @ TrustError::Equivocation { .. }) => {
                 self.metrics.equivocations.fetch_add(1, Ordering::Relaxed);
@@ -348,22 +351,22 @@ impl Node {
         let seq = accepted.list().seq;
         self.store.set_trust_bytes("list", bytes)?;
         self.set_trust(Some(TrustState {
-            root: state.root,
-            list: Some(accepted),
+            root: state.root.clone(),
+            list: Some(Arc::new(accepted)),
         }));
         Ok(seq)
     }
 
     /// The current list, if it is in force at `now`.
-    pub fn current_list(&self, now: u64) -> Option<AcceptedList> {
+    pub fn current_list(&self, now: u64) -> Option<Arc<AcceptedList>> {
         self.trust()
-            .and_then(|s| s.list)
+            .and_then(|s| s.list.clone())
             .filter(|l| l.is_current(now))
     }
 
     /// Why this node is not ready to answer, if it is not.
     pub fn not_ready_reason(&self, now: u64) -> Option<String> {
-        match self.trust() {
+        match self.trust().as_deref() {
             None => Some("no trust root is installed".to_owned()),
             Some(TrustState { list: None, .. }) => Some("no trust list is held".to_owned()),
             Some(TrustState {
@@ -423,7 +426,7 @@ impl Node {
             return Inbound::Drop(format!("this node ({}) is not on the trust list", self.ods));
         };
         let remote_member = list.member_by_peer(remote).cloned();
-        let policy = list_policy(self.trust().as_ref());
+        let policy = list_policy(self.trust().as_deref());
         let ctx = Receive {
             trust: &list,
             policy: &policy,
@@ -1240,10 +1243,10 @@ impl Node {
         request: &OutboundRequest,
         bytes: &[u8],
         now: u64,
-    ) -> Result<(AcceptedList, Opened), ResponseError> {
+    ) -> Result<(Arc<AcceptedList>, Opened), ResponseError> {
         let list = self.current_list(now).ok_or(ResponseError::NoTrust)?;
         let state = self.trust();
-        let policy = list_policy(state.as_ref());
+        let policy = list_policy(state.as_deref());
         let ctx = Receive {
             trust: &list,
             policy: &policy,

@@ -6,12 +6,15 @@
 //! patient index) go in one sled transaction, so a crash never leaves half.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use careweave_protocol::cbor::{self, Limits};
 use careweave_protocol::message::{Coding, Section};
 use careweave_protocol::{NhsNumber, OdsCode};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
+
+use crate::journal::{GroupCommit, Journal, JournalRecord};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 /// The schema this code reads and writes.
@@ -44,6 +47,12 @@ pub enum StoreError {
     Io(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
 }
 
 impl From<sled::Error> for StoreError {
@@ -138,6 +147,17 @@ pub struct Store {
     replay: sled::Tree,
     trust: sled::Tree,
     meta: sled::Tree,
+    flushes: Arc<GroupCommit>,
+    journal: Arc<Journal>,
+}
+
+/// The journal's file inside the store directory.
+const JOURNAL_FILE: &str = "audit.journal";
+/// The journal is emptied into sled past this size.
+const JOURNAL_LIMIT: u64 = 8 * 1024 * 1024;
+
+fn journal_error(e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("audit journal: {e}"))
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -178,6 +198,11 @@ impl Store {
                 }
             })?;
         let tree = |name: &str| db.open_tree(name);
+        let (journal, held) =
+            Journal::open(&path.join(JOURNAL_FILE)).map_err(|e| StoreError::Open {
+                path: shown.clone(),
+                message: format!("audit journal: {e}"),
+            })?;
         let store = Self {
             records: tree(TREE_RECORDS)?,
             patient_index: tree(TREE_PATIENT_INDEX)?,
@@ -190,8 +215,11 @@ impl Store {
             trust: tree(TREE_TRUST)?,
             meta: tree(TREE_META)?,
             db,
+            flushes: Arc::new(GroupCommit::default()),
+            journal: Arc::new(journal),
         };
         store.check_schema()?;
+        store.replay_journal(held)?;
         Ok(store)
     }
 
@@ -221,9 +249,68 @@ impl Store {
 
     /// Waits until everything written so far is on disk (sled's flush, which
     /// survives a process crash; see decision 0002 for power loss).
+    /// Concurrent callers share flushes (group commit).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.flushes.commit(|| {
+            self.db.flush()?;
+            Ok(())
+        })
+    }
+
+    /// Makes every audit and replay-cache entry written so far durable
+    /// through the journal (one `fdatasync`, shared by concurrent callers).
+    /// Empties the journal into sled once it has grown large.
+    pub fn sync_journal(&self) -> Result<(), StoreError> {
+        self.journal.sync().map_err(journal_error)?;
+        if self.journal.len() > JOURNAL_LIMIT {
+            self.journal.reset(|| self.flush())?;
+        }
         Ok(())
+    }
+
+    /// Writes back into sled whatever the journal holds that sled lost in a
+    /// crash, makes sled durable and empties the journal.
+    fn replay_journal(&self, held: Vec<JournalRecord>) -> Result<(), StoreError> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut restored = 0;
+        for record in held {
+            match record {
+                JournalRecord::Audit {
+                    index,
+                    leaf,
+                    patient,
+                    entry,
+                } => {
+                    let next = self.audit_len()?;
+                    if index < next {
+                        continue;
+                    }
+                    if index > next {
+                        return Err(corrupt(format!(
+                            "the audit journal holds entry {index} but the log ends at {next}"
+                        )));
+                    }
+                    self.write_audit(index, &entry, &leaf, patient.as_ref())?;
+                    restored += 1;
+                }
+                JournalRecord::Replay { key, expires } => {
+                    let _ = self.replay.compare_and_swap(
+                        key,
+                        None as Option<&[u8]>,
+                        Some(&expires.to_be_bytes()[..]),
+                    )?;
+                }
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(
+                restored,
+                "audit entries restored from the journal after an unclean stop"
+            );
+        }
+        self.journal.reset(|| self.flush())
     }
 
     /// A per-store random salt for opaque pointer ids.
@@ -409,8 +496,8 @@ impl Store {
     // Replay cache.
 
     /// Records `(iss, cti)` until `expires`. Returns true if it was already
-    /// there (a replay). The entry is flushed with the audit write that
-    /// follows every verified request.
+    /// there (a replay). The entry is journalled and made durable with the
+    /// audit write that follows every verified request.
     pub fn seen_before(
         &self,
         iss: &OdsCode,
@@ -421,11 +508,17 @@ impl Store {
         key.push(0);
         key.extend_from_slice(cti);
         let inserted = self.replay.compare_and_swap(
-            key,
+            key.clone(),
             None as Option<&[u8]>,
             Some(&expires.to_be_bytes()[..]),
         )?;
-        Ok(inserted.is_err())
+        if inserted.is_err() {
+            return Ok(true);
+        }
+        self.journal
+            .append(&JournalRecord::Replay { key, expires })
+            .map_err(journal_error)?;
+        Ok(false)
     }
 
     /// Drops replay entries that expired before `before`. Returns how many.
@@ -471,7 +564,9 @@ impl Store {
     }
 
     /// Appends an audit entry with its leaf hash and patient index, in one
-    /// transaction, and flushes. Returns the entry's index.
+    /// transaction, and journals it. Not yet durable: the caller calls
+    /// [`Store::sync_journal`] before it counts on the entry. Returns its
+    /// index.
     pub fn append_audit(
         &self,
         entry: &[u8],
@@ -479,6 +574,25 @@ impl Store {
         patient: Option<&NhsNumber>,
     ) -> Result<u64, StoreError> {
         let index = self.audit_len()?;
+        self.write_audit(index, entry, leaf_hash, patient)?;
+        self.journal
+            .append(&JournalRecord::Audit {
+                index,
+                leaf: *leaf_hash,
+                patient: patient.copied(),
+                entry: entry.to_vec(),
+            })
+            .map_err(journal_error)?;
+        Ok(index)
+    }
+
+    fn write_audit(
+        &self,
+        index: u64,
+        entry: &[u8],
+        leaf_hash: &[u8; 32],
+        patient: Option<&NhsNumber>,
+    ) -> Result<(), StoreError> {
         let key = index.to_be_bytes();
         (&self.audit, &self.audit_leaves, &self.audit_by_patient).transaction(
             |(audit, leaves, by_patient)| {
@@ -492,8 +606,7 @@ impl Store {
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             },
         )?;
-        self.flush()?;
-        Ok(index)
+        Ok(())
     }
 
     /// Every audit entry with its recorded leaf hash, in order.
@@ -532,10 +645,11 @@ impl Store {
             .collect()
     }
 
-    /// Stores a signed checkpoint for a log size, flushed.
+    /// Stores a signed checkpoint for a log size. Not yet durable: the
+    /// caller flushes.
     pub fn put_checkpoint(&self, size: u64, signed: &[u8]) -> Result<(), StoreError> {
         self.checkpoints.insert(size.to_be_bytes(), signed)?;
-        self.flush()
+        Ok(())
     }
 
     /// Every checkpoint, by size.

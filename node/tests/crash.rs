@@ -199,3 +199,134 @@ enum KillAt {
     /// Right after the k-th batch was acknowledged.
     Batch(usize),
 }
+
+/// The child half of the next test: answers signed locates from QHG for
+/// ever, printing each answered request once its audit entry is durable.
+fn answer_until_killed(config_path: &std::path::Path) {
+    use std::io::Write;
+    let loaded = config::load(config_path, []).unwrap();
+    let store = Store::open(&loaded.store_dir(), 4 << 20).unwrap();
+    let que = Node::new(loaded.config.clone(), keys("QUE"), store, T0).unwrap();
+    let (coordinator, list) = network();
+    if que.trust().is_none() {
+        que.install_root(&coordinator.root_bytes(), T0).unwrap();
+        que.install_list(&list, T0).unwrap();
+    }
+    let qhg = open("QHG", &coordinator, &list);
+    let que_ods = OdsCode::parse("QUE").unwrap();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let request = qhg
+            .node
+            .prepare_locate(
+                &que_ods,
+                &LocateRequest {
+                    nhs_number: NhsNumber::parse("9990000018").unwrap(),
+                    context: context(Purpose::Treat),
+                    sections: None,
+                },
+                T0,
+            )
+            .unwrap();
+        let inbound =
+            que.handle_request(ProtocolId::Locate, &request.bytes, qhg.node.peer_id(), T0);
+        assert!(matches!(inbound, Inbound::Reply(_)));
+        // The answer is released only now: its audit entry is durable.
+        writeln!(
+            out,
+            "answered {} {}",
+            que.store.audit_len().unwrap(),
+            hex::encode(&request.bytes)
+        )
+        .unwrap();
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection() {
+    if let Some(config_path) = std::env::var_os("CAREWEAVE_CRASH_CHILD") {
+        answer_until_killed(std::path::Path::new(&config_path));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = write_node(dir.path());
+    let loaded = config::load(&config_path, []).unwrap();
+    let me = std::env::current_exe().unwrap();
+    // Kill after different numbers of answers, so the kill lands at
+    // different points of the write, journal, sync and checkpoint cycle.
+    for (round, answers) in [1usize, 3, 17, 40, 95, 7, 160, 2, 61, 250]
+        .into_iter()
+        .enumerate()
+    {
+        let mut child = Command::new(&me)
+            .args([
+                "sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection",
+                "--exact",
+                "--nocapture",
+            ])
+            .env("CAREWEAVE_CRASH_CHILD", &config_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut acknowledged = (0u64, String::new());
+        let mut seen = 0;
+        while seen < answers {
+            let line = lines.next().expect("child stopped answering").unwrap();
+            if let Some(rest) = line.strip_prefix("answered ") {
+                let (len, hex) = rest.split_once(' ').unwrap();
+                acknowledged = (len.parse().unwrap(), hex.to_owned());
+                seen += 1;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        let store = Store::open(&loaded.store_dir(), 4 << 20).unwrap();
+        let held = store.audit_len().unwrap();
+        assert!(
+            held >= acknowledged.0,
+            "round {round}: {held} audit entries after the kill, {} acknowledged",
+            acknowledged.0
+        );
+        // The restarted node holds its root and list from before.
+        let que = Node::new(loaded.config.clone(), keys("QUE"), store.clone(), T0).unwrap();
+        let (coordinator, list) = network();
+        let qhg = open("QHG", &coordinator, &list);
+        let last = hex::decode(&acknowledged.1).unwrap();
+        let _ = que.handle_request(ProtocolId::Locate, &last, qhg.node.peer_id(), T0 + 1);
+        let entry: careweave_node::audit::AuditEntry = careweave_protocol::cbor::decode(
+            &store
+                .audit_entry(store.audit_len().unwrap() - 1)
+                .unwrap()
+                .unwrap(),
+            careweave_protocol::cbor::Limits::MESSAGE,
+        )
+        .unwrap();
+        assert_eq!(entry.outcome, "refused", "round {round}");
+        assert!(
+            entry
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("replayed"),
+            "round {round}: the last answered request was accepted again: {entry:?}"
+        );
+        drop(que);
+        drop(store);
+        let verify = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["audit", "verify"])
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "round {round}: audit verify failed: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+}

@@ -848,7 +848,7 @@ impl EventLoop {
         let node = Arc::clone(&self.node);
         let Some(list) = node
             .current_list(unix_now())
-            .or_else(|| node.trust().and_then(|t| t.list))
+            .or_else(|| node.trust().and_then(|t| t.list.clone()))
         else {
             return;
         };
