@@ -161,36 +161,47 @@ impl AuditLog {
         })
     }
 
-    /// Appends an entry and flushes it; signs a checkpoint when one is due.
-    /// Returns the entry's index. An error means the entry is not in the log
-    /// and the caller must not release data.
+    /// Appends an entry and makes it durable; signs a checkpoint when one is
+    /// due. Returns the entry's index. An error means the entry is not in
+    /// the log and the caller must not release data.
     ///
     /// The lock covers only the in-memory tree and the write; the journal
     /// sync comes after it, so concurrent appends share one sync.
     pub fn append(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
+        let index = self.append_deferred(entry)?;
+        self.sync()?;
+        Ok(index)
+    }
+
+    /// Appends an entry without waiting for it to be durable. The caller
+    /// must call [`AuditLog::sync`] before releasing anything the entry
+    /// records; several entries can then share one sync.
+    pub fn append_deferred(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
         let bytes = cbor::encode(entry).map_err(|e| AuditError::Encode(e.to_string()))?;
         let leaf = audit::leaf_hash(&bytes);
-        let index = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let index = self
-                .store
-                .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
-            state.range.append(leaf);
-            if state.last_checkpoint_time == 0 {
-                state.last_checkpoint_time = entry.time;
-            }
-            let due = state.range.size() - state.last_checkpoint_size >= self.every_entries
-                || entry.time.saturating_sub(state.last_checkpoint_time) >= self.every_secs;
-            if due {
-                self.checkpoint_locked(&mut state, entry.time)?;
-            }
-            index
-        };
-        self.store.sync_journal()?;
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = self
+            .store
+            .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
+        state.range.append(leaf);
+        if state.last_checkpoint_time == 0 {
+            state.last_checkpoint_time = entry.time;
+        }
+        let due = state.range.size() - state.last_checkpoint_size >= self.every_entries
+            || entry.time.saturating_sub(state.last_checkpoint_time) >= self.every_secs;
+        if due {
+            self.checkpoint_locked(&mut state, entry.time)?;
+        }
         Ok(index)
+    }
+
+    /// Makes every entry appended so far durable.
+    pub fn sync(&self) -> Result<(), AuditError> {
+        self.store.sync_journal()?;
+        Ok(())
     }
 
     /// Signs a checkpoint now if entries were added since the last one.

@@ -167,6 +167,15 @@ fn random_cti() -> Result<[u8; 16], NodeError> {
     Ok(cti)
 }
 
+/// When an audit entry must be on disk: before the call returns, or
+/// before the caller hands anything on (it then calls [`Node::sync_audit`]),
+/// so that several entries share one sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    Now,
+    Deferred,
+}
+
 fn protocol_name(protocol: ProtocolId) -> &'static str {
     match protocol {
         ProtocolId::Locate => "locate",
@@ -569,7 +578,19 @@ impl Node {
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
-        self.audit.append(entry).inspect_err(|e| {
+        self.append_audit_with(entry, Durability::Now)
+    }
+
+    fn append_audit_with(
+        &self,
+        entry: &AuditEntry,
+        durability: Durability,
+    ) -> Result<u64, AuditError> {
+        let appended = match durability {
+            Durability::Now => self.audit.append(entry),
+            Durability::Deferred => self.audit.append_deferred(entry),
+        };
+        appended.inspect_err(|e| {
             self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "audit append failed; nothing will be released");
         })
@@ -1152,7 +1173,39 @@ impl Node {
             request.nhs_number,
             &request.context,
             now,
+            Durability::Now,
         )
+    }
+
+    /// Signs and audits a locate request for each of `peers`, with one audit
+    /// sync for them all: each is durably audited before any is sent.
+    pub fn prepare_locates(
+        &self,
+        peers: &[OdsCode],
+        request: &LocateRequest,
+        now: u64,
+    ) -> Vec<Result<OutboundRequest, RequestError>> {
+        let prepared: Vec<_> = peers
+            .iter()
+            .map(|peer| {
+                self.prepare(
+                    ProtocolId::Locate,
+                    peer,
+                    request,
+                    request.nhs_number,
+                    &request.context,
+                    now,
+                    Durability::Deferred,
+                )
+            })
+            .collect();
+        match self.sync_audit() {
+            Ok(()) => prepared,
+            Err(e) => peers
+                .iter()
+                .map(|_| Err(RequestError::Audit(e.to_string())))
+                .collect(),
+        }
     }
 
     /// Signs a fetch request for `peer_ods` and audits it before it is sent.
@@ -1169,9 +1222,11 @@ impl Node {
             request.nhs_number,
             &request.context,
             now,
+            Durability::Now,
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn prepare<P: Payload>(
         &self,
         protocol: ProtocolId,
@@ -1180,6 +1235,7 @@ impl Node {
         nhs_number: NhsNumber,
         context: &RequesterContext,
         now: u64,
+        durability: Durability,
     ) -> Result<OutboundRequest, RequestError> {
         let list = self.current_list(now).ok_or(RequestError::NoTrust)?;
         let peer = list
@@ -1211,21 +1267,24 @@ impl Node {
         let bytes =
             envelope::seal(payload, &seal).map_err(|e| RequestError::Invalid(e.to_string()))?;
         let hash = envelope::message_hash(&bytes);
-        self.append_audit(&AuditEntry {
-            time: now,
-            direction: Direction::OutboundRequest,
-            protocol: protocol_name(protocol).to_owned(),
-            peer_ods: Some(peer_ods.clone()),
-            peer_id: peer_id.to_base58(),
-            context: Some(context.clone()),
-            nhs_number: Some(nhs_number),
-            outcome: "sent".to_owned(),
-            reason: None,
-            released: vec![],
-            withheld: vec![],
-            request_hash: hash.to_vec(),
-            emergency: context.break_glass_reason.is_some(),
-        })
+        self.append_audit_with(
+            &AuditEntry {
+                time: now,
+                direction: Direction::OutboundRequest,
+                protocol: protocol_name(protocol).to_owned(),
+                peer_ods: Some(peer_ods.clone()),
+                peer_id: peer_id.to_base58(),
+                context: Some(context.clone()),
+                nhs_number: Some(nhs_number),
+                outcome: "sent".to_owned(),
+                reason: None,
+                released: vec![],
+                withheld: vec![],
+                request_hash: hash.to_vec(),
+                emergency: context.break_glass_reason.is_some(),
+            },
+            durability,
+        )
         .map_err(|e| RequestError::Audit(e.to_string()))?;
         Ok(OutboundRequest {
             protocol,
@@ -1275,6 +1334,7 @@ impl Node {
         Ok((list, opened))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn audit_response(
         &self,
         request: &OutboundRequest,
@@ -1283,25 +1343,29 @@ impl Node {
         released: Vec<String>,
         withheld: Vec<WithheldReason>,
         now: u64,
+        durability: Durability,
     ) -> Result<(), ResponseError> {
-        self.append_audit(&AuditEntry {
-            time: now,
-            direction: Direction::OutboundResponse,
-            protocol: protocol_name(request.protocol).to_owned(),
-            peer_ods: Some(request.peer_ods.clone()),
-            peer_id: request.peer_id.to_base58(),
-            context: request.context.clone(),
-            nhs_number: request.nhs_number,
-            outcome: outcome.to_owned(),
-            reason,
-            released,
-            withheld,
-            request_hash: request.hash.to_vec(),
-            emergency: request
-                .context
-                .as_ref()
-                .is_some_and(|c| c.break_glass_reason.is_some()),
-        })
+        self.append_audit_with(
+            &AuditEntry {
+                time: now,
+                direction: Direction::OutboundResponse,
+                protocol: protocol_name(request.protocol).to_owned(),
+                peer_ods: Some(request.peer_ods.clone()),
+                peer_id: request.peer_id.to_base58(),
+                context: request.context.clone(),
+                nhs_number: request.nhs_number,
+                outcome: outcome.to_owned(),
+                reason,
+                released,
+                withheld,
+                request_hash: request.hash.to_vec(),
+                emergency: request
+                    .context
+                    .as_ref()
+                    .is_some_and(|c| c.break_glass_reason.is_some()),
+            },
+            durability,
+        )
         .map(|_| ())
         .map_err(|e| ResponseError::Audit(e.to_string()))
     }
@@ -1314,6 +1378,27 @@ impl Node {
         reason: &str,
         now: u64,
     ) -> Result<(), ResponseError> {
+        self.record_outbound_failure_with(request, reason, now, Durability::Now)
+    }
+
+    /// As [`Node::record_outbound_failure`], but not yet durable: the
+    /// caller calls [`Node::sync_audit`] before handing anything on.
+    pub fn record_outbound_failure_deferred(
+        &self,
+        request: &OutboundRequest,
+        reason: &str,
+        now: u64,
+    ) -> Result<(), ResponseError> {
+        self.record_outbound_failure_with(request, reason, now, Durability::Deferred)
+    }
+
+    fn record_outbound_failure_with(
+        &self,
+        request: &OutboundRequest,
+        reason: &str,
+        now: u64,
+        durability: Durability,
+    ) -> Result<(), ResponseError> {
         self.audit_response(
             request,
             "failed",
@@ -1321,7 +1406,17 @@ impl Node {
             vec![],
             vec![],
             now,
+            durability,
         )
+    }
+
+    /// Makes every audit entry written so far durable. Callers of the
+    /// `_deferred` functions call this before they hand anything on.
+    pub fn sync_audit(&self) -> Result<(), AuditError> {
+        self.audit.sync().inspect_err(|e| {
+            self.metrics.audit_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "audit sync failed; nothing will be released");
+        })
     }
 
     /// Checks a locate response and audits it before handing it on.
@@ -1330,6 +1425,28 @@ impl Node {
         request: &OutboundRequest,
         bytes: &[u8],
         now: u64,
+    ) -> Result<LocateAnswer, ResponseError> {
+        self.accept_locate_response_with(request, bytes, now, Durability::Now)
+    }
+
+    /// As [`Node::accept_locate_response`], but the audit entry is not yet
+    /// durable: the caller calls [`Node::sync_audit`] before handing the
+    /// answer on, so the answers of one locate share one sync.
+    pub fn accept_locate_response_deferred(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<LocateAnswer, ResponseError> {
+        self.accept_locate_response_with(request, bytes, now, Durability::Deferred)
+    }
+
+    fn accept_locate_response_with(
+        &self,
+        request: &OutboundRequest,
+        bytes: &[u8],
+        now: u64,
+        durability: Durability,
     ) -> Result<LocateAnswer, ResponseError> {
         let result = self.check_locate_response(request, bytes, now);
         let seen = match &result {
@@ -1340,7 +1457,7 @@ impl Node {
             Ok(LocateAnswer::Refused(e)) => Seen::Refused(e),
             Err(e) => Seen::Failed(e),
         };
-        self.audit_seen(request, seen, now)?;
+        self.audit_seen(request, seen, now, durability)?;
         result
     }
 
@@ -1350,6 +1467,7 @@ impl Node {
         request: &OutboundRequest,
         seen: Seen<'_>,
         now: u64,
+        durability: Durability,
     ) -> Result<(), ResponseError> {
         match seen {
             Seen::Released(released, withheld) => self.audit_response(
@@ -1359,6 +1477,7 @@ impl Node {
                 released,
                 withheld.to_vec(),
                 now,
+                durability,
             ),
             Seen::Refused(e) => self.audit_response(
                 request,
@@ -1367,8 +1486,11 @@ impl Node {
                 vec![],
                 vec![],
                 now,
+                durability,
             ),
-            Seen::Failed(e) => self.record_outbound_failure(request, &e.to_string(), now),
+            Seen::Failed(e) => {
+                self.record_outbound_failure_with(request, &e.to_string(), now, durability)
+            }
         }
     }
 
@@ -1421,7 +1543,7 @@ impl Node {
             Ok(FetchAnswer::Refused(e)) => Seen::Refused(e),
             Err(e) => Seen::Failed(e),
         };
-        self.audit_seen(request, seen, now)?;
+        self.audit_seen(request, seen, now, Durability::Now)?;
         result
     }
 

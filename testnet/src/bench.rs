@@ -42,6 +42,8 @@ pub struct BenchOptions {
     pub dir: PathBuf,
     /// Where `bench.json` and `bench.md` go.
     pub out: PathBuf,
+    /// ICBs in the main testnet, instead of 42 (full) or 5 (quick).
+    pub nodes: Option<usize>,
 }
 
 /// How big a run is.
@@ -990,11 +992,15 @@ async fn fetch_targets(
 /// Runs the benchmark and writes `bench.json` and `bench.md` to `out`.
 /// Returns the figures; `say` reports progress.
 pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figure>, String> {
-    let scale = if options.quick {
+    let mut scale = if options.quick {
         Scale::quick()
     } else {
         Scale::full()
     };
+    if let Some(nodes) = options.nodes {
+        scale.icbs = nodes.clamp(2, 42);
+        scale.growth_icbs.retain(|n| *n < scale.icbs);
+    }
     std::fs::create_dir_all(&options.dir).map_err(err)?;
     std::fs::create_dir_all(&options.out).map_err(err)?;
     let machine = machine();

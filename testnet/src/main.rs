@@ -82,6 +82,10 @@ struct BenchArgs {
     /// Where bench.json and bench.md are written.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// ICBs in the main testnet (2 to 42), instead of 42 for a full run
+    /// and 5 for a quick one.
+    #[arg(long)]
+    nodes: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -121,6 +125,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         quick: args.quick,
         dir: dir.clone(),
         out: args.out.clone(),
+        nodes: args.nodes,
     };
     let started = Instant::now();
     let figures = runtime()?

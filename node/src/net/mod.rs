@@ -83,6 +83,10 @@ pub enum NetError {
     Stopped,
     #[error("the network is busy; try again")]
     Busy,
+    #[error("the audit log could not be written, so nothing was released: {0}")]
+    Audit(String),
+    #[error("a worker task failed: {0}")]
+    Task(String),
 }
 
 /// The outcome for one ICB in a national locate.
@@ -274,66 +278,79 @@ impl NetworkHandle {
 
     /// Asks every active provider on the list at once, each with its own
     /// deadline, and returns when all have answered or the deadline passed.
+    ///
+    /// One blocking task signs and audits every request (one audit sync);
+    /// the answers are checked as they arrive and audited, and one more sync
+    /// makes those entries durable before anything is returned.
     pub async fn locate(&self, request: LocateRequest) -> Result<Vec<IcbResult>, NetError> {
         let now = unix_now();
         let list = self.node.current_list(now).ok_or(NetError::Busy)?;
         let connected = self.connected().await?;
-        let providers: Vec<_> = providers(&list, now);
-        let mut tasks = Vec::with_capacity(providers.len());
-        for (ods, name, peer) in providers {
-            let handle = self.clone();
-            let request = request.clone();
+        let mut results = Vec::new();
+        let mut reachable = Vec::new();
+        for (ods, name, peer) in providers(&list, now) {
             let own = peer.as_ref() == Some(self.node.peer_id());
             let is_connected = own
                 || peer
                     .as_ref()
                     .and_then(to_libp2p)
                     .is_some_and(|p| connected.contains(&p));
-            tasks.push(tokio::spawn(async move {
-                let outcome = handle.locate_one(&ods, request, is_connected).await;
-                IcbResult { ods, name, outcome }
-            }));
-        }
-        let mut results = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            if let Ok(result) = task.await {
-                results.push(result);
+            if is_connected {
+                reachable.push((ods, name));
+            } else {
+                results.push(IcbResult {
+                    ods,
+                    name,
+                    outcome: IcbOutcome::Unreachable("not connected".into()),
+                });
             }
         }
+        let node = Arc::clone(&self.node);
+        let targets: Vec<OdsCode> = reachable.iter().map(|(ods, _)| ods.clone()).collect();
+        let prepared = tokio::task::spawn_blocking(move || {
+            node.prepare_locates(&targets, &request, unix_now())
+        })
+        .await
+        .map_err(|e| NetError::Task(e.to_string()))?;
+        let asked = reachable
+            .into_iter()
+            .zip(prepared)
+            .map(|((ods, name), outbound)| async move {
+                let outcome = match outbound {
+                    Ok(outbound) => self.locate_one(&outbound).await,
+                    Err(e) => IcbOutcome::Refused(e.to_string()),
+                };
+                IcbResult { ods, name, outcome }
+            });
+        results.extend(futures::future::join_all(asked).await);
+        let node = Arc::clone(&self.node);
+        tokio::task::spawn_blocking(move || node.sync_audit())
+            .await
+            .map_err(|e| NetError::Task(e.to_string()))?
+            .map_err(|e| NetError::Audit(e.to_string()))?;
         results.sort_by(|a, b| a.ods.cmp(&b.ods));
         Ok(results)
     }
 
-    async fn locate_one(
-        &self,
-        ods: &OdsCode,
-        request: LocateRequest,
-        connected: bool,
-    ) -> IcbOutcome {
-        if !connected {
-            return IcbOutcome::Unreachable("not connected".into());
-        }
-        let node = Arc::clone(&self.node);
-        let target = ods.clone();
-        let prepared =
-            tokio::task::spawn_blocking(move || node.prepare_locate(&target, &request, unix_now()))
-                .await;
-        let outbound = match prepared {
-            Ok(Ok(outbound)) => outbound,
-            Ok(Err(e)) => return IcbOutcome::Refused(e.to_string()),
-            Err(e) => return IcbOutcome::Refused(e.to_string()),
-        };
-        let answer = self.exchange(&outbound).await;
-        let node = Arc::clone(&self.node);
-        let outcome = tokio::task::spawn_blocking(move || match answer {
+    /// Sends one signed locate and checks the answer. Its audit entry is
+    /// written but not yet durable; `locate` syncs once for all answers.
+    async fn locate_one(&self, outbound: &OutboundRequest) -> IcbOutcome {
+        let answer = self.exchange(outbound).await;
+        let now = unix_now();
+        match answer {
             Err(failure) => {
-                let _ = node.record_outbound_failure(&outbound, &failure.to_string(), unix_now());
+                let _ =
+                    self.node
+                        .record_outbound_failure_deferred(outbound, &failure.to_string(), now);
                 match failure {
                     FetchFailure::TimedOut(_) => IcbOutcome::TimedOut,
                     other => IcbOutcome::Unreachable(other.to_string()),
                 }
             }
-            Ok(bytes) => match node.accept_locate_response(&outbound, &bytes, unix_now()) {
+            Ok(bytes) => match self
+                .node
+                .accept_locate_response_deferred(outbound, &bytes, now)
+            {
                 Ok(LocateAnswer::Answered(r)) if !r.pointers.is_empty() => IcbOutcome::Pointers {
                     pointers: r.pointers,
                     withheld: r.withheld,
@@ -347,9 +364,7 @@ impl NetworkHandle {
                 }
                 Err(e) => IcbOutcome::Refused(format!("response not accepted: {e}")),
             },
-        })
-        .await;
-        outcome.unwrap_or_else(|e| IcbOutcome::Refused(e.to_string()))
+        }
     }
 
     /// Fetches the records behind a pointer from its custodian; every
