@@ -183,9 +183,9 @@ impl AuditLog {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let index = self
-            .store
-            .append_audit(&bytes, &leaf, entry.nhs_number.as_ref())?;
+        let index = state.range.size();
+        self.store
+            .append_audit(index, &bytes, &leaf, entry.nhs_number.as_ref())?;
         state.range.append(leaf);
         if state.last_checkpoint_time == 0 {
             state.last_checkpoint_time = entry.time;

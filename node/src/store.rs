@@ -6,7 +6,7 @@
 //! patient index) go in one sled transaction, so a crash never leaves half.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use careweave_protocol::cbor::{self, Limits};
 use careweave_protocol::message::{Coding, Section};
@@ -149,6 +149,26 @@ pub struct Store {
     meta: sled::Tree,
     flushes: Arc<GroupCommit>,
     journal: Arc<Journal>,
+    journal_syncs: Arc<GroupCommit>,
+    /// Audit writes journalled but not yet in sled, in log order. Whoever
+    /// syncs the journal applies them all in one transaction, so a burst of
+    /// entries costs sled one write instead of one each.
+    pending: Arc<Mutex<Vec<PendingWrite>>>,
+}
+
+/// An audit write waiting to be applied to sled.
+#[derive(Debug, Clone)]
+enum PendingWrite {
+    Entry {
+        index: u64,
+        entry: Vec<u8>,
+        leaf: [u8; 32],
+        patient: Option<NhsNumber>,
+    },
+    Checkpoint {
+        size: u64,
+        signed: Vec<u8>,
+    },
 }
 
 /// The journal's file inside the store directory.
@@ -217,6 +237,8 @@ impl Store {
             db,
             flushes: Arc::new(GroupCommit::default()),
             journal: Arc::new(journal),
+            journal_syncs: Arc::new(GroupCommit::default()),
+            pending: Arc::new(Mutex::new(Vec::new())),
         };
         store.check_schema()?;
         store.replay_journal(held)?;
@@ -252,19 +274,70 @@ impl Store {
     /// Concurrent callers share flushes (group commit).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.flushes.commit(|| {
+            self.apply_pending()?;
             self.db.flush()?;
             Ok(())
         })
     }
 
     /// Makes every audit and replay-cache entry written so far durable
-    /// through the journal (one `fdatasync`, shared by concurrent callers).
-    /// Empties the journal into sled once it has grown large.
+    /// through the journal (one `fdatasync`, shared by concurrent callers)
+    /// and applies the waiting audit writes to sled. Empties the journal
+    /// into sled once it has grown large.
     pub fn sync_journal(&self) -> Result<(), StoreError> {
-        self.journal.sync().map_err(journal_error)?;
+        self.journal_syncs.commit(|| {
+            self.journal.sync().map_err(journal_error)?;
+            self.apply_pending()
+        })?;
         if self.journal.len() > JOURNAL_LIMIT {
             self.journal.reset(|| self.flush())?;
         }
+        Ok(())
+    }
+
+    /// Applies every waiting audit write to sled in one transaction, in
+    /// order. The lock is held throughout so two callers cannot reorder.
+    fn apply_pending(&self) -> Result<(), StoreError> {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let writes: &[PendingWrite] = &pending;
+        (
+            &self.audit,
+            &self.audit_leaves,
+            &self.audit_by_patient,
+            &self.checkpoints,
+        )
+            .transaction(|(audit, leaves, by_patient, checkpoints)| {
+                for write in writes {
+                    match write {
+                        PendingWrite::Entry {
+                            index,
+                            entry,
+                            leaf,
+                            patient,
+                        } => {
+                            let key = index.to_be_bytes();
+                            audit.insert(&key, entry.as_slice())?;
+                            leaves.insert(&key, &leaf[..])?;
+                            if let Some(nhs) = patient {
+                                let mut pkey = nhs.digits().into_bytes();
+                                pkey.extend_from_slice(&key);
+                                by_patient.insert(pkey, &[])?;
+                            }
+                        }
+                        PendingWrite::Checkpoint { size, signed } => {
+                            checkpoints.insert(&size.to_be_bytes(), signed.as_slice())?;
+                        }
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })?;
+        pending.clear();
         Ok(())
     }
 
@@ -557,24 +630,40 @@ impl Store {
 
     /// Number of audit entries.
     pub fn audit_len(&self) -> Result<u64, StoreError> {
+        let waiting = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .rev()
+            .find_map(|w| match w {
+                PendingWrite::Entry { index, .. } => Some(*index + 1),
+                PendingWrite::Checkpoint { .. } => None,
+            });
+        if let Some(len) = waiting {
+            return Ok(len);
+        }
         match self.audit.last()? {
             Some((key, _)) => Ok(index_of(&key)? + 1),
             None => Ok(0),
         }
     }
 
-    /// Appends an audit entry with its leaf hash and patient index, in one
-    /// transaction, and journals it. Not yet durable: the caller calls
-    /// [`Store::sync_journal`] before it counts on the entry. Returns its
-    /// index.
+    /// Journals audit entry `index` (the next one, which the caller's lock
+    /// guarantees) and queues it, its leaf hash and its patient index for
+    /// sled. Not yet durable: the caller calls [`Store::sync_journal`] before
+    /// it counts on the entry.
     pub fn append_audit(
         &self,
+        index: u64,
         entry: &[u8],
         leaf_hash: &[u8; 32],
         patient: Option<&NhsNumber>,
-    ) -> Result<u64, StoreError> {
-        let index = self.audit_len()?;
-        self.write_audit(index, entry, leaf_hash, patient)?;
+    ) -> Result<(), StoreError> {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.journal
             .append(&JournalRecord::Audit {
                 index,
@@ -583,7 +672,13 @@ impl Store {
                 entry: entry.to_vec(),
             })
             .map_err(journal_error)?;
-        Ok(index)
+        pending.push(PendingWrite::Entry {
+            index,
+            entry: entry.to_vec(),
+            leaf: *leaf_hash,
+            patient: patient.copied(),
+        });
+        Ok(())
     }
 
     fn write_audit(
@@ -627,7 +722,18 @@ impl Store {
 
     /// The audit entry at `index`.
     pub fn audit_entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.audit.get(index.to_be_bytes())?.map(|b| b.to_vec()))
+        if let Some(bytes) = self.audit.get(index.to_be_bytes())? {
+            return Ok(Some(bytes.to_vec()));
+        }
+        Ok(self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find_map(|w| match w {
+                PendingWrite::Entry { index: i, entry, .. } if *i == index => Some(entry.clone()),
+                _ => None,
+            }))
     }
 
     /// Indexes of a patient's audit entries.
@@ -645,10 +751,17 @@ impl Store {
             .collect()
     }
 
-    /// Stores a signed checkpoint for a log size. Not yet durable: the
-    /// caller flushes.
+    /// Queues a signed checkpoint for a log size behind the entries it
+    /// covers, so sled never holds a checkpoint without its entries. Stored
+    /// by the next journal sync or flush.
     pub fn put_checkpoint(&self, size: u64, signed: &[u8]) -> Result<(), StoreError> {
-        self.checkpoints.insert(size.to_be_bytes(), signed)?;
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(PendingWrite::Checkpoint {
+                size,
+                signed: signed.to_vec(),
+            });
         Ok(())
     }
 
