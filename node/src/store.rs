@@ -150,9 +150,10 @@ pub struct Store {
     flushes: Arc<GroupCommit>,
     journal: Arc<Journal>,
     journal_syncs: Arc<GroupCommit>,
-    /// Audit writes journalled but not yet in sled, in log order. Whoever
-    /// syncs the journal applies them all in one transaction, so a burst of
-    /// entries costs sled one write instead of one each.
+    /// Audit writes journalled but not yet in sled, in log order. They are
+    /// durable in the journal; sled gets them in one transaction once
+    /// `APPLY_AT` are waiting, before any read of the audit trees, and on
+    /// every flush, so many entries cost sled one write.
     pending: Arc<Mutex<Vec<PendingWrite>>>,
 }
 
@@ -173,8 +174,10 @@ enum PendingWrite {
 
 /// The journal's file inside the store directory.
 const JOURNAL_FILE: &str = "audit.journal";
+/// Queued audit writes are applied to sled once this many wait.
+const APPLY_AT: usize = 256;
 /// The journal is emptied into sled past this size.
-const JOURNAL_LIMIT: u64 = 8 * 1024 * 1024;
+const JOURNAL_LIMIT: u64 = 3 * 1024 * 1024;
 
 fn journal_error(e: std::io::Error) -> StoreError {
     StoreError::Io(format!("audit journal: {e}"))
@@ -281,18 +284,26 @@ impl Store {
     }
 
     /// Makes every audit and replay-cache entry written so far durable
-    /// through the journal (one `fdatasync`, shared by concurrent callers)
-    /// and applies the waiting audit writes to sled. Empties the journal
-    /// into sled once it has grown large.
+    /// through the journal (one `fdatasync`, shared by concurrent callers),
+    /// and applies the waiting audit writes to sled once enough wait.
+    /// Empties the journal into sled once it has grown large.
     pub fn sync_journal(&self) -> Result<(), StoreError> {
-        self.journal_syncs.commit(|| {
-            self.journal.sync().map_err(journal_error)?;
-            self.apply_pending()
-        })?;
+        self.journal_syncs
+            .commit(|| self.journal.sync().map_err(journal_error))?;
+        if self.pending_len() >= APPLY_AT {
+            self.apply_pending()?;
+        }
         if self.journal.len() > JOURNAL_LIMIT {
             self.journal.reset(|| self.flush())?;
         }
         Ok(())
+    }
+
+    fn pending_len(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     /// Applies every waiting audit write to sled in one transaction, in
@@ -302,10 +313,14 @@ impl Store {
             .pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.apply_locked(&mut pending)
+    }
+
+    fn apply_locked(&self, pending: &mut Vec<PendingWrite>) -> Result<(), StoreError> {
         if pending.is_empty() {
             return Ok(());
         }
-        let writes: &[PendingWrite] = &pending;
+        let writes: &[PendingWrite] = pending;
         (
             &self.audit,
             &self.audit_leaves,
@@ -678,6 +693,10 @@ impl Store {
             leaf: *leaf_hash,
             patient: patient.copied(),
         });
+        // A bound even for callers that append many entries before a sync.
+        if pending.len() >= 4 * APPLY_AT {
+            self.apply_locked(&mut pending)?;
+        }
         Ok(())
     }
 
@@ -708,16 +727,20 @@ impl Store {
     pub fn audit_entries(
         &self,
     ) -> impl Iterator<Item = Result<(u64, Vec<u8>, [u8; 32]), StoreError>> + '_ {
-        self.audit.iter().map(move |item| {
-            let (key, entry) = item?;
-            let index = index_of(&key)?;
-            let leaf = self
-                .audit_leaves
-                .get(&key)?
-                .ok_or_else(|| corrupt(format!("audit entry {index} has no leaf hash")))?;
-            let leaf: [u8; 32] = leaf.as_ref().try_into().map_err(corrupt)?;
-            Ok((index, entry.to_vec(), leaf))
-        })
+        // Queued entries first, so the iteration sees the whole log.
+        let settled = self.apply_pending().err().map(Err);
+        settled
+            .into_iter()
+            .chain(self.audit.iter().map(move |item| {
+                let (key, entry) = item?;
+                let index = index_of(&key)?;
+                let leaf = self
+                    .audit_leaves
+                    .get(&key)?
+                    .ok_or_else(|| corrupt(format!("audit entry {index} has no leaf hash")))?;
+                let leaf: [u8; 32] = leaf.as_ref().try_into().map_err(corrupt)?;
+                Ok((index, entry.to_vec(), leaf))
+            }))
     }
 
     /// The audit entry at `index`.
@@ -731,13 +754,16 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .find_map(|w| match w {
-                PendingWrite::Entry { index: i, entry, .. } if *i == index => Some(entry.clone()),
+                PendingWrite::Entry {
+                    index: i, entry, ..
+                } if *i == index => Some(entry.clone()),
                 _ => None,
             }))
     }
 
     /// Indexes of a patient's audit entries.
     pub fn audit_for_patient(&self, nhs: &NhsNumber) -> Result<Vec<u64>, StoreError> {
+        self.apply_pending()?;
         let prefix = nhs.digits().into_bytes();
         self.audit_by_patient
             .scan_prefix(&prefix)
@@ -767,6 +793,7 @@ impl Store {
 
     /// Every checkpoint, by size.
     pub fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.apply_pending()?;
         self.checkpoints
             .iter()
             .map(|item| {

@@ -54,9 +54,48 @@ fn setup_err(e: impl std::fmt::Display) -> TestnetError {
     TestnetError::Setup(e.to_string())
 }
 
-fn free_port() -> Result<u16, TestnetError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup_err)?;
-    Ok(listener.local_addr().map_err(setup_err)?.port())
+/// Hands out ports for a testnet's listeners. They come from below Linux's
+/// ephemeral range (32768 and up), so the outgoing connections of nodes
+/// already running cannot take them between now and start-up, and each is
+/// held open until the pool is dropped, so no two nodes get the same one.
+struct PortPool {
+    next: u16,
+    held: Vec<std::net::TcpListener>,
+}
+
+impl PortPool {
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+
+    fn new() -> Self {
+        // Start somewhere different each time so testnets built side by
+        // side (parallel tests) rarely probe the same ports.
+        let spread = u16::try_from(std::process::id() % 1000).unwrap_or(0) * 12;
+        Self {
+            next: Self::FIRST + spread,
+            held: Vec::new(),
+        }
+    }
+
+    fn take(&mut self) -> Result<u16, TestnetError> {
+        for _ in Self::FIRST..Self::LAST {
+            let port = self.next;
+            self.next = if port >= Self::LAST {
+                Self::FIRST
+            } else {
+                port + 1
+            };
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                self.held.push(listener);
+                return Ok(port);
+            }
+        }
+        Err(TestnetError::Setup(format!(
+            "no free port on 127.0.0.1 between {} and {}",
+            Self::FIRST,
+            Self::LAST
+        )))
+    }
 }
 
 fn now() -> u64 {
@@ -223,6 +262,7 @@ pub fn build(
 
     let mut nodes = Vec::new();
     let mut members = Vec::new();
+    let mut ports = PortPool::new();
     for icb in &icbs {
         progress(&format!(
             "node {} ({}): keys and configuration",
@@ -232,8 +272,8 @@ pub fn build(
             ods: icb.ods.clone(),
             name: icb.name.clone(),
             dir: dir.join("nodes").join(&icb.ods),
-            p2p_port: free_port()?,
-            api_port: free_port()?,
+            p2p_port: ports.take()?,
+            api_port: ports.take()?,
         };
         let keys = NodeKeys::generate().map_err(setup_err)?;
         keys.write_new(&info.dir.join("keys")).map_err(setup_err)?;
