@@ -13,15 +13,9 @@
 //! then the first 8 bytes of SHA-256 over kind, length and body. A record
 //! cut short by a crash fails its check and ends the journal there; it was
 //! never acknowledged, because acknowledging waits for the sync.
-//!
-//! The file is written full of zeros ahead of use and records overwrite
-//! them, so a sync moves data only: the file's size and blocks do not
-//! change, and the filesystem has no metadata to commit. A zero kind byte
-//! marks the end.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +28,6 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 const KIND_AUDIT: u8 = 1;
 const KIND_REPLAY: u8 = 2;
 const CHECK_LEN: usize = 8;
-/// Zeros written ahead of use: more than the store lets the journal grow
-/// to before emptying it (3 MiB), so appends stay inside them.
-const PREALLOCATED: u64 = 4 * 1024 * 1024;
-/// Zeros are written in pieces of this size.
-const ZEROS: usize = 64 * 1024;
 
 /// One journalled write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,9 +196,8 @@ impl Journal {
         let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
-            .write(true)
+            .append(true)
             .create(true)
-            .truncate(false)
             .open(path)?;
         if created && let Some(dir) = path.parent() {
             File::open(dir)?.sync_all()?;
@@ -217,21 +205,15 @@ impl Journal {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let (records, good) = read_records(&bytes);
-        let tail = bytes.get(good..).unwrap_or_default();
-        if tail.iter().any(|b| *b != 0) {
-            let cut = tail.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+        if good < bytes.len() {
             tracing::warn!(
                 path = %path.display(),
-                cut,
+                cut = bytes.len() - good,
                 "the audit journal ended in a partial record (a crash mid-write); it was never acknowledged and is dropped"
             );
-            zero(&file, good as u64, cut as u64)?;
+            file.set_len(good as u64)?;
+            file.sync_data()?;
         }
-        let size = bytes.len() as u64;
-        if size < PREALLOCATED {
-            zero(&file, size, PREALLOCATED - size)?;
-        }
-        file.sync_data()?;
         Ok((
             Self {
                 path: path.to_path_buf(),
@@ -246,10 +228,9 @@ impl Journal {
     /// Appends a record (in the kernel's hands, not yet synced).
     pub(crate) fn append(&self, record: &JournalRecord) -> std::io::Result<()> {
         let bytes = record.encode();
-        let file = self.lock();
-        let at = self.len.load(Ordering::SeqCst);
-        file.write_all_at(&bytes, at)?;
-        self.len.store(at + bytes.len() as u64, Ordering::SeqCst);
+        let mut file = self.lock();
+        file.write_all(&bytes)?;
+        self.len.fetch_add(bytes.len() as u64, Ordering::SeqCst);
         Ok(())
     }
 
@@ -276,8 +257,7 @@ impl Journal {
     ) -> Result<(), E> {
         let file = self.lock();
         make_durable_elsewhere()?;
-        let used = self.len.load(Ordering::SeqCst);
-        zero(&file, 0, used)?;
+        file.set_len(0)?;
         file.sync_data()?;
         self.len.store(0, Ordering::SeqCst);
         tracing::debug!(path = %self.path.display(), "audit journal emptied");
@@ -289,18 +269,6 @@ impl Journal {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-}
-
-/// Writes `len` zero bytes at `at`.
-fn zero(file: &File, at: u64, len: u64) -> std::io::Result<()> {
-    let zeros = [0u8; ZEROS];
-    let mut done = 0u64;
-    while done < len {
-        let piece = usize::try_from(len - done).unwrap_or(ZEROS).min(ZEROS);
-        file.write_all_at(zeros.get(..piece).unwrap_or_default(), at + done)?;
-        done += piece as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -350,18 +318,14 @@ mod tests {
         journal.append(&audit(1)).unwrap();
         drop(journal);
         let whole = std::fs::read(&path).unwrap();
-        let record = audit(0).encode().len();
-        let whole = &whole[..2 * record];
-        // A cut anywhere inside the second record leaves the first, and
-        // the torn bytes are zeroed so they cannot be mistaken later.
-        for cut in (record..2 * record).step_by(29).chain([2 * record - 1]) {
+        // Every possible cut inside the second record leaves the first.
+        let first_len = whole.len() / 2;
+        for cut in first_len..whole.len() {
             std::fs::write(&path, &whole[..cut]).unwrap();
             let (journal, held) = Journal::open(&path).unwrap();
             assert_eq!(held, vec![audit(0)], "cut at {cut}");
-            assert_eq!(journal.len(), record as u64);
-            let after = std::fs::read(&path).unwrap();
-            assert!(after[record..].iter().all(|b| *b == 0), "cut at {cut}");
-            assert_eq!(after.len() as u64, PREALLOCATED);
+            assert_eq!(journal.len(), first_len as u64);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), first_len as u64);
         }
     }
 
@@ -375,7 +339,7 @@ mod tests {
         }
         drop(journal);
         let mut bytes = std::fs::read(&path).unwrap();
-        let record = audit(0).encode().len();
+        let record = bytes.len() / 3;
         bytes[record + 100] ^= 0x10;
         std::fs::write(&path, &bytes).unwrap();
         let (_, held) = Journal::open(&path).unwrap();
