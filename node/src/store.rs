@@ -6,7 +6,7 @@
 //! patient index) go in one sled transaction, so a crash never leaves half.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use careweave_protocol::cbor::{self, Limits};
 use careweave_protocol::message::{Coding, Section};
@@ -150,6 +150,10 @@ pub struct Store {
     flushes: Arc<GroupCommit>,
     journal: Arc<Journal>,
     journal_syncs: Arc<GroupCommit>,
+    /// Writers of journalled state hold it shared; emptying the journal
+    /// holds it alone, so nothing is written between sled's flush and the
+    /// journal's truncation. Order: gate, then pending, then journal.
+    journal_gate: Arc<RwLock<()>>,
     /// Audit writes journalled but not yet in sled, in log order. They are
     /// durable in the journal; sled gets them in one transaction once
     /// `APPLY_AT` are waiting, before any read of the audit trees, and on
@@ -241,6 +245,7 @@ impl Store {
             flushes: Arc::new(GroupCommit::default()),
             journal: Arc::new(journal),
             journal_syncs: Arc::new(GroupCommit::default()),
+            journal_gate: Arc::new(RwLock::new(())),
             pending: Arc::new(Mutex::new(Vec::new())),
         };
         store.check_schema()?;
@@ -294,9 +299,26 @@ impl Store {
             self.apply_pending()?;
         }
         if self.journal.len() > JOURNAL_LIMIT {
-            self.journal.reset(|| self.flush())?;
+            self.empty_journal()?;
         }
         Ok(())
+    }
+
+    /// Makes everything in sled durable and empties the journal, with
+    /// writers held off meanwhile.
+    fn empty_journal(&self) -> Result<(), StoreError> {
+        let _alone = self
+            .journal_gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.flush()?;
+        self.journal.reset().map_err(journal_error)
+    }
+
+    fn shared_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.journal_gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn pending_len(&self) -> usize {
@@ -398,7 +420,7 @@ impl Store {
                 "audit entries restored from the journal after an unclean stop"
             );
         }
-        self.journal.reset(|| self.flush())
+        self.empty_journal()
     }
 
     /// A per-store random salt for opaque pointer ids.
@@ -595,6 +617,7 @@ impl Store {
         let mut key = iss.as_str().as_bytes().to_vec();
         key.push(0);
         key.extend_from_slice(cti);
+        let _gate = self.shared_gate();
         let inserted = self.replay.compare_and_swap(
             key.clone(),
             None as Option<&[u8]>,
@@ -675,6 +698,7 @@ impl Store {
         leaf_hash: &[u8; 32],
         patient: Option<&NhsNumber>,
     ) -> Result<(), StoreError> {
+        let _gate = self.shared_gate();
         let mut pending = self
             .pending
             .lock()
@@ -905,6 +929,47 @@ mod tests {
             Err(other) => panic!("unexpected error: {other}"),
             Ok(_) => {} // Some platforms allow re-opening within one process.
         }
+    }
+
+    #[test]
+    fn audit_entries_survive_the_journal_being_emptied_into_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let nhs = NhsNumber::parse("9990000018").unwrap();
+        let entry = |i: u64| {
+            let mut bytes = vec![(i % 251) as u8; 4096];
+            bytes.extend_from_slice(&i.to_be_bytes());
+            bytes
+        };
+        let count = 1200u64;
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            let mut emptied = 0;
+            for i in 0..count {
+                let before = store.journal.len();
+                store
+                    .append_audit(i, &entry(i), &[i as u8; 32], Some(&nhs))
+                    .unwrap();
+                store.sync_journal().unwrap();
+                if store.journal.len() < before {
+                    emptied += 1;
+                }
+                // Queued or in sled, every entry reads back at once.
+                assert_eq!(store.audit_len().unwrap(), i + 1);
+                assert_eq!(store.audit_entry(i).unwrap(), Some(entry(i)));
+            }
+            assert!(emptied >= 1, "4.8 MB of entries never emptied the journal");
+            assert!(store.journal.len() <= JOURNAL_LIMIT);
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.audit_len().unwrap(), count);
+        let all: Vec<_> = store.audit_entries().map(Result::unwrap).collect();
+        assert_eq!(all.len() as u64, count);
+        for (i, (index, bytes, leaf)) in all.into_iter().enumerate() {
+            assert_eq!(index, i as u64);
+            assert_eq!(bytes, entry(index));
+            assert_eq!(leaf, [index as u8; 32]);
+        }
+        assert_eq!(store.audit_for_patient(&nhs).unwrap().len() as u64, count);
     }
 
     #[test]
