@@ -295,6 +295,31 @@ fn set(outcomes: &mut [Option<EntryOutcome>], i: usize, outcome: EntryOutcome) {
     }
 }
 
+/// Most threads an import signs with.
+const MAX_SIGNING_THREADS: usize = 4;
+
+/// One entry's write, with the label its record is still to be signed under
+/// (None once signed, and for removals).
+#[derive(Debug)]
+struct Prepared {
+    entry: usize,
+    write: RecordWrite,
+    label: Option<RecordLabel>,
+}
+
+impl Prepared {
+    /// Replaces the record's JSON with the custodian-signed record.
+    fn sign(&mut self, key: &KeyPair) -> Result<(), String> {
+        let (RecordWrite::Put(record), Some(label)) = (&mut self.write, &self.label) else {
+            return Ok(());
+        };
+        record.signed =
+            record::sign_record(&record.signed, label, key).map_err(|e| e.to_string())?;
+        self.label = None;
+        Ok(())
+    }
+}
+
 fn urn_uuid_id(full_url: Option<&str>) -> Option<&str> {
     full_url.and_then(|u| u.strip_prefix("urn:uuid:"))
 }
@@ -377,28 +402,34 @@ impl Importer<'_> {
             self.config.import.batch_records
         };
         let mut versions: HashMap<String, String> = HashMap::new();
-        let mut batch: Vec<(usize, RecordWrite)> = Vec::new();
+        let mut batch: Vec<Prepared> = Vec::new();
         let mut report = ImportReport::default();
         for (i, item) in input.items().enumerate() {
             match self.prepare_item(item, &patients, &mut versions) {
-                Ok(Some(write)) => batch.push((i, write)),
+                Ok(Some((write, label))) => batch.push(Prepared {
+                    entry: i,
+                    write,
+                    label,
+                }),
                 Ok(None) => {}
                 Err(reason) => set(&mut outcomes, i, EntryOutcome::Rejected { reason }),
             }
             if batch.len() >= batch_size {
+                self.sign_batch(&mut batch, &mut outcomes);
                 self.write_batch(&batch, &mut outcomes)?;
                 progress(i + 1, total);
                 batch.clear();
             }
         }
+        self.sign_batch(&mut batch, &mut outcomes);
         let any_rejected = outcomes
             .iter()
             .any(|o| matches!(o, Some(EntryOutcome::Rejected { .. })));
         if kind == InputKind::Transaction && any_rejected {
             // All or nothing: store nothing, say which entries failed.
             report.transaction_aborted = true;
-            for (i, _) in &batch {
-                set(&mut outcomes, *i, EntryOutcome::NotApplied);
+            for prepared in &batch {
+                set(&mut outcomes, prepared.entry, EntryOutcome::NotApplied);
             }
         } else if !batch.is_empty() {
             self.write_batch(&batch, &mut outcomes)?;
@@ -436,21 +467,25 @@ impl Importer<'_> {
     }
 
     /// Turns one entry into a write, `None` for Patients (already handled).
+    /// A record comes with the label it is still to be signed under.
     fn prepare_item(
         &self,
         item: Item,
         patients: &HashMap<String, NhsNumber>,
         versions: &mut HashMap<String, String>,
-    ) -> Result<Option<RecordWrite>, String> {
+    ) -> Result<Option<(RecordWrite, Option<RecordLabel>)>, String> {
         match item {
             Item::Patient { .. } => Ok(None),
             Item::Bad(e) => Err(e.to_string()),
             Item::Delete { url } => match url.split_once('/') {
                 Some((t, id)) if fhir::section_for(t).is_some() && fhir::is_fhir_id(id) => {
-                    Ok(Some(RecordWrite::Remove {
-                        resource_type: t.to_owned(),
-                        id: id.to_owned(),
-                    }))
+                    Ok(Some((
+                        RecordWrite::Remove {
+                            resource_type: t.to_owned(),
+                            id: id.to_owned(),
+                        },
+                        None,
+                    )))
                 }
                 _ => Err(format!(
                     "DELETE url {url:?} is not ResourceType/id of a shared record"
@@ -458,19 +493,63 @@ impl Importer<'_> {
             },
             Item::Resource { full_url, resource } => self
                 .prepare(resource, full_url.as_deref(), patients, versions)
-                .map(|r| Some(RecordWrite::Put(r)))
+                .map(|(record, label)| Some((RecordWrite::Put(record), Some(label))))
                 .map_err(|e| e.to_string()),
         }
     }
 
+    /// Signs every record of the batch with the record key, spread over the
+    /// machine's cores: signing is most of an import's work. A record that
+    /// cannot be signed is rejected and leaves the batch.
+    fn sign_batch(&self, batch: &mut Vec<Prepared>, outcomes: &mut [Option<EntryOutcome>]) {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, MAX_SIGNING_THREADS);
+        let per_thread = batch.len().div_ceil(threads).max(1);
+        let key = self.record_key;
+        let failures: Vec<(usize, String)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = batch
+                .chunks_mut(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut failed = Vec::new();
+                        for prepared in chunk {
+                            if let Err(e) = prepared.sign(key) {
+                                failed.push((prepared.entry, e));
+                            }
+                        }
+                        failed
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| vec![(usize::MAX, "signing failed".into())])
+                })
+                .collect()
+        });
+        for (entry, reason) in &failures {
+            set(
+                outcomes,
+                *entry,
+                EntryOutcome::Rejected {
+                    reason: reason.clone(),
+                },
+            );
+        }
+        batch.retain(|p| p.label.is_none());
+    }
+
     fn write_batch(
         &self,
-        batch: &[(usize, RecordWrite)],
+        batch: &[Prepared],
         outcomes: &mut [Option<EntryOutcome>],
     ) -> Result<(), ImportError> {
-        let writes: Vec<RecordWrite> = batch.iter().map(|(_, w)| w.clone()).collect();
+        let writes: Vec<RecordWrite> = batch.iter().map(|p| p.write.clone()).collect();
         let results = self.store.write_records(&writes)?;
-        for ((i, write), result) in batch.iter().zip(results) {
+        for ((i, write), result) in batch.iter().map(|p| (&p.entry, &p.write)).zip(results) {
             let (key, version) = match write {
                 RecordWrite::Put(r) => (r.key(), r.version.clone()),
                 RecordWrite::Remove { resource_type, id } => {
@@ -504,7 +583,7 @@ impl Importer<'_> {
         full_url: Option<&str>,
         patients: &HashMap<String, NhsNumber>,
         versions: &mut HashMap<String, String>,
-    ) -> Result<StoredRecord, ResourceError> {
+    ) -> Result<(StoredRecord, RecordLabel), ResourceError> {
         let mut parsed = fhir::parse_resource(resource, urn_uuid_id(full_url))?;
         let nhs = match &parsed.patient {
             PatientRef::Nhs(nhs) => *nhs,
@@ -557,20 +636,15 @@ impl Importer<'_> {
                 max,
             });
         }
-        let signed = record::sign_record(
-            &bytes,
-            &RecordLabel {
-                custodian: self.custodian.clone(),
-                nhs_number: nhs,
-                signed_at: self.now,
-                resource_type: parsed.resource_type.clone(),
-                resource_id: parsed.id.clone(),
-                version: version.clone(),
-            },
-            self.record_key,
-        )
-        .map_err(|e| ResourceError::NotFhir(e.to_string()))?;
-        Ok(StoredRecord {
+        let label = RecordLabel {
+            custodian: self.custodian.clone(),
+            nhs_number: nhs,
+            signed_at: self.now,
+            resource_type: parsed.resource_type.clone(),
+            resource_id: parsed.id.clone(),
+            version: version.clone(),
+        };
+        let record = StoredRecord {
             nhs_number: nhs,
             section: parsed.section,
             sensitive_categories: fhir::sensitive_categories(
@@ -583,7 +657,9 @@ impl Importer<'_> {
             date: parsed.date,
             very_restricted: parsed.very_restricted,
             document_type: parsed.document_type,
-            signed,
-        })
+            // The JSON, until `sign_batch` replaces it with the signed record.
+            signed: bytes,
+        };
+        Ok((record, label))
     }
 }
