@@ -267,6 +267,31 @@ pub async fn control(
     serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 
+/// Threads for blocking work (signing, checks, audit syncs): bounded like
+/// every other pool (tokio's default is 512). Inbound requests are already
+/// bounded by `max_inflight_total`; past 32 threads they queue here.
+const BLOCKING_THREADS: usize = 32;
+
+/// How often expired replay-cache entries are dropped.
+const REPLAY_PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops replay-cache entries whose messages have expired, every `every`
+/// (a minute in a running node). Without this the cache grew by one entry
+/// per message until a restart.
+pub async fn purge_replay_cache(node: Arc<Node>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let node = Arc::clone(&node);
+        match tokio::task::spawn_blocking(move || node.store.purge_replay(net::unix_now())).await {
+            Ok(Ok(removed)) => tracing::debug!(removed, "expired replay-cache entries dropped"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not purge the replay cache"),
+            Err(e) => tracing::warn!(error = %e, "replay-cache purge task failed"),
+        }
+    }
+}
+
 /// Watches the configured trust-list file and installs it when it changes.
 pub async fn watch_trust_file(loaded: LoadedConfig, handle: NetworkHandle, node: Arc<Node>) {
     let Some(list) = loaded.config.trust.list.as_ref().map(|p| loaded.resolve(p)) else {
@@ -344,6 +369,7 @@ pub fn run(loaded: LoadedConfig) -> Result<(), RunError> {
     }
     let control_path = loaded.resolve(&loaded.config.network.control_socket);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
@@ -352,6 +378,7 @@ pub fn run(loaded: LoadedConfig) -> Result<(), RunError> {
         tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
         let control = tokio::spawn(serve_control(control_path.clone(), handle.clone(), Arc::clone(&node)));
         tokio::spawn(watch_trust_file(loaded.clone(), handle.clone(), Arc::clone(&node)));
+        tokio::spawn(purge_replay_cache(Arc::clone(&node), REPLAY_PURGE_EVERY));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let result = tokio::select! {
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; stopping"); Ok(()) }

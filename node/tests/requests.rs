@@ -654,3 +654,31 @@ fn audit_log_verifies_and_names_an_altered_entry() {
     assert_eq!(failure, audit::VerifyFailure::EntryAltered { index: 2 });
     assert!(failure.to_string().contains("entry 2"));
 }
+
+#[tokio::test]
+async fn a_running_node_drops_expired_replay_entries() {
+    let (coordinator, list) = network();
+    let TestNode { node, dir: _dir } = open("QUE", &coordinator, &list);
+    let node = std::sync::Arc::new(node);
+    let qhg = OdsCode::parse("QHG").unwrap();
+    // One long expired, one that expires long after this test.
+    assert!(!node.store.seen_before(&qhg, &[1; 16], 1_000).unwrap());
+    assert!(!node.store.seen_before(&qhg, &[2; 16], u64::MAX).unwrap());
+    assert_eq!(node.store.replay_len(), 2);
+    let purge = tokio::spawn(careweave_node::daemon::purge_replay_cache(
+        std::sync::Arc::clone(&node),
+        std::time::Duration::from_millis(10),
+    ));
+    let mut waited = 0;
+    while node.store.replay_len() != 1 && waited < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    purge.abort();
+    assert_eq!(
+        node.store.replay_len(),
+        1,
+        "the expired entry is dropped, the live one kept"
+    );
+    assert!(node.store.seen_before(&qhg, &[2; 16], u64::MAX).unwrap());
+}

@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub out: PathBuf,
     /// ICBs in the main testnet, instead of 42 (full) or 5 (quick).
     pub nodes: Option<usize>,
+    /// Records in the main testnet's first node, instead of a million
+    /// (full) or 20 000 (quick).
+    pub records: Option<usize>,
 }
 
 /// How big a run is.
@@ -1000,6 +1003,9 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     if let Some(nodes) = options.nodes {
         scale.icbs = nodes.clamp(2, 42);
         scale.growth_icbs.retain(|n| *n < scale.icbs);
+    }
+    if let Some(records) = options.records {
+        scale.big_records = records.max(RECORDS_PER_PATIENT);
     }
     std::fs::create_dir_all(&options.dir).map_err(err)?;
     std::fs::create_dir_all(&options.out).map_err(err)?;

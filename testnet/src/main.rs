@@ -86,6 +86,11 @@ struct BenchArgs {
     /// and 5 for a quick one.
     #[arg(long)]
     nodes: Option<usize>,
+    /// Records in the first node's store (the memory, start-up and store
+    /// size figures), instead of 1 000 000 for a full run and 20 000 for a
+    /// quick one.
+    #[arg(long)]
+    records: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +131,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         dir: dir.clone(),
         out: args.out.clone(),
         nodes: args.nodes,
+        records: args.records,
     };
     let started = Instant::now();
     let figures = runtime()?
