@@ -1001,14 +1001,24 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
         Scale::full()
     };
     if let Some(nodes) = options.nodes {
-        scale.icbs = nodes.clamp(2, 42);
+        if !(2..=42).contains(&nodes) {
+            return Err(format!("--nodes must be between 2 and 42, not {nodes}"));
+        }
+        scale.icbs = nodes;
         scale.growth_icbs.retain(|n| *n < scale.icbs);
     }
     if let Some(records) = options.records {
-        scale.big_records = records.max(RECORDS_PER_PATIENT);
+        if records < RECORDS_PER_PATIENT {
+            return Err(format!(
+                "--records must be at least {RECORDS_PER_PATIENT}, not {records}"
+            ));
+        }
+        scale.big_records = records;
     }
-    std::fs::create_dir_all(&options.dir).map_err(err)?;
-    std::fs::create_dir_all(&options.out).map_err(err)?;
+    for dir in [&options.dir, &options.out] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let machine = machine();
     say(&format!("machine: {machine}"));
     let sizes = message_sizes()?;

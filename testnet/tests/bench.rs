@@ -91,3 +91,25 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         .collect();
     assert!(leftover.is_empty(), "left running: {leftover:?}");
 }
+
+#[test]
+fn bad_sizes_are_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value, says) in [
+        ("--nodes", "1", "--nodes must be between 2 and 42, not 1"),
+        ("--nodes", "43", "--nodes must be between 2 and 42, not 43"),
+        ("--records", "5", "--records must be at least 20, not 5"),
+    ] {
+        let run = Command::new(BIN)
+            .args(["bench", "--quick", flag, value, "--dir"])
+            .arg(dir.path().join("work"))
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!dir.path().join("work").join("main").exists());
+    }
+}
