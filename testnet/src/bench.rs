@@ -737,7 +737,7 @@ async fn restart_timed(node: &NodeInfo) -> Result<f64, String> {
             .arg(pid.to_string())
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid) {
+        while setup::is_running(&pid.to_string()) {
             if Instant::now() > deadline {
                 return Err(format!("node {} did not stop", node.ods));
             }
@@ -757,12 +757,6 @@ async fn restart_timed(node: &NodeInfo) -> Result<f64, String> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
-        .unwrap_or(true)
 }
 
 /// Fetch clients in a closed loop for `secs`: completed fetches per second,

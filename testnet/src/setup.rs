@@ -618,16 +618,15 @@ pub fn stop_all(dir: &Path) -> usize {
             let _ = std::fs::remove_file(&pid_file);
             continue;
         }
-        let alive = |pid: &str| Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid);
-        if alive(&pid) {
+        if is_running(&pid) {
             let _ = Command::new("kill").arg("-TERM").arg(&pid).status();
             for _ in 0..50 {
-                if !alive(&pid) {
+                if !is_running(&pid) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            if alive(&pid) {
+            if is_running(&pid) {
                 let _ = Command::new("kill").arg("-KILL").arg(&pid).status();
             }
             stopped += 1;
@@ -635,6 +634,11 @@ pub fn stop_all(dir: &Path) -> usize {
         let _ = std::fs::remove_file(&pid_file);
     }
     stopped
+}
+
+/// Whether a process is alive (exists and is not a zombie awaiting its parent).
+pub fn is_running(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid)
 }
 
 fn is_zombie(pid: &str) -> bool {
