@@ -444,7 +444,7 @@ fn list_build(args: ListBuildArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&args.members)
         .with_context(|| format!("reading {}", args.members.display()))?;
     let issued = now();
-    let parsed =
+    let mut parsed =
         members::parse(&text, issued).with_context(|| format!("{}", args.members.display()))?;
     let prev = match &args.prev {
         Some(path) => {
@@ -457,6 +457,9 @@ fn list_build(args: ListBuildArgs) -> Result<ExitCode> {
                     prev.seq
                 );
             }
+            // Members whose file gives no validity keep the window they had,
+            // rather than a new one starting now.
+            parsed.inherit_validity(&prev.members);
             Some(trust::sha256(&bytes))
         }
         None if args.seq != 1 => bail!("--seq {} needs --prev: the list it follows", args.seq),

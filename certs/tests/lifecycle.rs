@@ -270,6 +270,9 @@ fn the_whole_lifecycle() {
         "\n[[revoked]]\nkid = \"{}\"\nods = \"QHG\"\nrevoked_at = \"2026-11-28\"\nreason = \"laptop stolen\"\ncompromised_since = \"2026-11-20\"\n",
         qhg_keys.message.kid()
     );
+    // A second later, so a validity window rebuilt from "now" instead of
+    // kept from list 1 would show in the diff below.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     run.signed_list(&members2, 2, Some("list1.cose"), "list2.cose");
     assert!(
         run.ok(&[
