@@ -402,7 +402,17 @@ impl Store {
                             "the audit journal holds entry {index} but the log ends at {next}"
                         )));
                     }
-                    self.write_audit(index, &entry, &leaf, patient.as_ref())?;
+                    // Queued like a new entry; `empty_journal` below applies
+                    // them all to sled in one transaction.
+                    self.pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(PendingWrite::Entry {
+                            index,
+                            entry,
+                            leaf,
+                            patient,
+                        });
                     restored += 1;
                 }
                 JournalRecord::Replay { key, expires } => {
@@ -721,29 +731,6 @@ impl Store {
         if pending.len() >= 4 * APPLY_AT {
             self.apply_locked(&mut pending)?;
         }
-        Ok(())
-    }
-
-    fn write_audit(
-        &self,
-        index: u64,
-        entry: &[u8],
-        leaf_hash: &[u8; 32],
-        patient: Option<&NhsNumber>,
-    ) -> Result<(), StoreError> {
-        let key = index.to_be_bytes();
-        (&self.audit, &self.audit_leaves, &self.audit_by_patient).transaction(
-            |(audit, leaves, by_patient)| {
-                audit.insert(&key, entry)?;
-                leaves.insert(&key, &leaf_hash[..])?;
-                if let Some(nhs) = patient {
-                    let mut pkey = nhs.digits().into_bytes();
-                    pkey.extend_from_slice(&key);
-                    by_patient.insert(pkey, &[])?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            },
-        )?;
         Ok(())
     }
 

@@ -73,6 +73,16 @@ fn make_audit_history(config_path: &std::path::Path) {
     }
 }
 
+/// `careweave-node audit verify` on a stopped node.
+fn audit_verify(config_path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config_path)
+        .args(["audit", "verify"])
+        .output()
+        .unwrap()
+}
+
 fn ndjson(path: &std::path::Path) -> Vec<String> {
     let mut ids = Vec::with_capacity(RESOURCES);
     let mut text = String::new();
@@ -178,12 +188,7 @@ fn sigkill_during_import_loses_nothing_acknowledged() {
         }
         drop(store);
 
-        let verify = Command::new(BIN)
-            .arg("--config")
-            .arg(&config_path)
-            .args(["audit", "verify"])
-            .output()
-            .unwrap();
+        let verify = audit_verify(&config_path);
         assert!(
             verify.status.success(),
             "audit verify failed after SIGKILL at {delay_ms}: {}",
@@ -316,12 +321,7 @@ fn sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection() {
         );
         drop(que);
         drop(store);
-        let verify = Command::new(BIN)
-            .arg("--config")
-            .arg(&config_path)
-            .args(["audit", "verify"])
-            .output()
-            .unwrap();
+        let verify = audit_verify(&config_path);
         assert!(
             verify.status.success(),
             "round {round}: audit verify failed: {}{}",

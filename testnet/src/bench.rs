@@ -23,7 +23,7 @@ use careweave_node::store::Store;
 use careweave_protocol::envelope::ProtocolId;
 use careweave_protocol::envelope::{self, Seal};
 use careweave_protocol::message::{
-    FetchRequest, FetchResponse, LocateRequest, LocateResponse, Purpose, RequesterContext,
+    FetchRequest, FetchResponse, LocateRequest, LocateResponse, RequesterContext,
 };
 use careweave_protocol::record::{self, RecordLabel};
 use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes};
@@ -290,17 +290,10 @@ impl Drop for Cleanup {
 }
 
 fn context(ods: &str) -> Result<RequesterContext, String> {
-    Ok(RequesterContext {
-        organisation: OdsCode::parse(ods).map_err(err)?,
-        user_id: "555021935107".into(),
-        role_profile_id: "555021936108".into(),
-        role_code: "R8000".into(),
-        purpose: Purpose::Treat,
-        relationship: "direct-care".into(),
-        break_glass_reason: None,
-        request_id: "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f".into(),
-        correlation_id: None,
-    })
+    Ok(data::clinician(
+        OdsCode::parse(ods).map_err(err)?,
+        "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f",
+    ))
 }
 
 /// Sizes of real signed messages, so the floor carries the same bytes.

@@ -4,7 +4,8 @@
 //! NHS numbers come only from 999 000 0000 – 999 999 9999 with valid check
 //! digits; practice codes start `ZZ` so nobody mistakes them for real ones.
 
-use careweave_protocol::NhsNumber;
+use careweave_protocol::message::{Purpose, RequesterContext};
+use careweave_protocol::{NhsNumber, OdsCode};
 use serde_json::{Value, json};
 
 const ICBS_2022: &str = include_str!("../data/icbs-2022.csv");
@@ -275,6 +276,22 @@ pub fn sized_observation(nhs: &NhsNumber, icb: &str, n: u64, bytes: usize) -> Va
         fields.insert("note".into(), json!([{ "text": text }]));
     }
     resource
+}
+
+/// The testnet's synthetic clinician at `organisation`, asking for direct
+/// care (the same SDS ids the API's client certificate stands for).
+pub fn clinician(organisation: OdsCode, request_id: &str) -> RequesterContext {
+    RequesterContext {
+        organisation,
+        user_id: "555021935107".into(),
+        role_profile_id: "555021936108".into(),
+        role_code: "R8000".into(),
+        purpose: Purpose::Treat,
+        relationship: "direct-care".into(),
+        break_glass_reason: None,
+        request_id: request_id.into(),
+        correlation_id: None,
+    }
 }
 
 /// A collection Bundle holding resources.

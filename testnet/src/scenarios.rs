@@ -456,7 +456,7 @@ pub async fn rogue_peer(t: &Testnet) -> Outcome {
 /// A captured request sent again is refused as a replay.
 pub async fn replay(t: &Testnet) -> Outcome {
     use careweave_protocol::envelope::{self, ProtocolId, Seal};
-    use careweave_protocol::message::{LocateRequest, Purpose, RequesterContext};
+    use careweave_protocol::message::LocateRequest;
     let t = &listed(t)?;
     let (asker, target_node) = (
         t.nodes.first().ok_or("no nodes")?,
@@ -471,17 +471,7 @@ pub async fn replay(t: &Testnet) -> Outcome {
     let ods = |code: &str| careweave_protocol::OdsCode::parse(code).map_err(|e| e.to_string());
     let request = LocateRequest {
         nhs_number: t.demo.shared,
-        context: RequesterContext {
-            organisation: ods(&asker.ods)?,
-            user_id: "555021935107".into(),
-            role_profile_id: "555021936108".into(),
-            role_code: "R8000".into(),
-            purpose: Purpose::Treat,
-            relationship: "direct-care".into(),
-            break_glass_reason: None,
-            request_id: RID.into(),
-            correlation_id: None,
-        },
+        context: crate::data::clinician(ods(&asker.ods)?, RID),
         sections: None,
     };
     let mut cti = [0u8; 16];
