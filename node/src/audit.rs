@@ -127,7 +127,8 @@ pub fn origin(network: &str, ods: &OdsCode) -> String {
 }
 
 impl AuditLog {
-    /// Opens the log, rebuilding its right edge from the stored leaf hashes.
+    /// Opens the log, taking its right edge from the store (the sealed
+    /// segments' peaks and the newest segment's leaves).
     pub fn open(
         store: Store,
         log_key: KeyPair,
@@ -136,11 +137,7 @@ impl AuditLog {
         every_entries: u64,
         every_secs: u64,
     ) -> Result<Self, AuditError> {
-        let mut range = CompactRange::default();
-        for item in store.audit_entries() {
-            let (_, _, leaf) = item?;
-            range.append(leaf);
-        }
+        let range = store.audit_range();
         let last = store
             .checkpoints()?
             .last()
@@ -200,7 +197,7 @@ impl AuditLog {
 
     /// Makes every entry appended so far durable.
     pub fn sync(&self) -> Result<(), AuditError> {
-        self.store.sync_journal()?;
+        self.store.sync_audit()?;
         Ok(())
     }
 
@@ -384,10 +381,7 @@ pub fn export(store: &Store, nhs: &NhsNumber) -> Result<Export, AuditError> {
         .and_then(|n| leaves.get(..n))
         .unwrap_or(&[]);
     let mut entries = Vec::new();
-    for index in store.audit_for_patient(nhs)? {
-        let bytes = store
-            .audit_entry(index)?
-            .ok_or_else(|| StoreError::Corrupt(format!("audit entry {index} is missing")))?;
+    for (index, bytes) in store.audit_for_patient(nhs)? {
         let entry: AuditEntry = cbor::decode(&bytes, Limits::MESSAGE)
             .map_err(|e| AuditError::Store(StoreError::Corrupt(e.to_string())))?;
         let inclusion_proof = if index < size {

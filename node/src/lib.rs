@@ -1,5 +1,5 @@
 //! The careweave node, everything but the network: configuration, keys, the
-//! sled store, FHIR import, policy, the audit log and request handling.
+//! store (sled and audit segment files), FHIR import, policy, the audit log and request handling.
 //!
 //! The peer plane (`careweave-node run`) and the clinical HTTPS API call into
 //! what this crate provides.
@@ -11,12 +11,13 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod fhir;
+mod group_commit;
 pub mod import;
-mod journal;
 pub mod keys;
 pub mod net;
 pub mod node;
 pub mod opening;
 pub mod pointers;
 pub mod policy;
+mod segments;
 pub mod store;

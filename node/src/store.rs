@@ -1,9 +1,11 @@
-//! The node's sled store: one database, named trees, a schema version.
+//! The node's store: a sled database with named trees and a schema version
+//! for records, flags, the replay cache and trust, and append-only segment
+//! files for the audit log (`store/audit/`, see [`crate::segments`]).
 //!
-//! Every write that is acknowledged has been flushed first (see
-//! `docs/decisions/0002-sled-durability.md`). Writes that belong together
-//! (a record and its index entry; an audit entry, its leaf hash and its
-//! patient index) go in one sled transaction, so a crash never leaves half.
+//! Every write that is acknowledged has been made durable first (see
+//! `docs/decisions/0002-sled-durability.md` and `0013-audit-segments.md`).
+//! A record and its index entry go in one sled transaction, so a crash
+//! never leaves half.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,18 +16,22 @@ use careweave_protocol::{NhsNumber, OdsCode};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
-use crate::journal::{GroupCommit, Journal, JournalRecord};
+use crate::group_commit::GroupCommit;
+use crate::segments::{LogRecord, Recovered, SEGMENT_LIMIT, SegmentError, Segments};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-/// The schema this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this code reads and writes. Version 1 kept the audit log in
+/// sled; it is moved into segment files when opened.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const TREE_RECORDS: &str = "records";
 const TREE_PATIENT_INDEX: &str = "patient_index";
 const TREE_FLAGS: &str = "patient_flags";
-const TREE_AUDIT: &str = "audit";
-const TREE_AUDIT_LEAVES: &str = "audit_leaves";
-const TREE_AUDIT_BY_PATIENT: &str = "audit_by_patient";
+// Schema 1's audit trees, read only to move them into segments.
+const V1_TREE_AUDIT: &str = "audit";
+const V1_TREE_AUDIT_LEAVES: &str = "audit_leaves";
+const V1_TREE_AUDIT_BY_PATIENT: &str = "audit_by_patient";
+const V1_JOURNAL_FILE: &str = "audit.journal";
 const TREE_CHECKPOINTS: &str = "audit_checkpoints";
 const TREE_REPLAY: &str = "replay_cache";
 const TREE_TRUST: &str = "trust";
@@ -58,6 +64,17 @@ impl From<std::io::Error> for StoreError {
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         StoreError::Io(e.to_string())
+    }
+}
+
+impl From<SegmentError> for StoreError {
+    fn from(e: SegmentError) -> Self {
+        match e {
+            SegmentError::Io(e) => StoreError::Io(format!("audit files: {e}")),
+            SegmentError::Damaged(message) => {
+                StoreError::Corrupt(format!("audit files: {message}"))
+            }
+        }
     }
 }
 
@@ -140,52 +157,28 @@ pub struct Store {
     records: sled::Tree,
     patient_index: sled::Tree,
     flags: sled::Tree,
-    audit: sled::Tree,
-    audit_leaves: sled::Tree,
-    audit_by_patient: sled::Tree,
     checkpoints: sled::Tree,
     replay: sled::Tree,
     trust: sled::Tree,
     meta: sled::Tree,
     flushes: Arc<GroupCommit>,
-    journal: Arc<Journal>,
-    journal_syncs: Arc<GroupCommit>,
-    /// Writers of journalled state hold it shared; emptying the journal
-    /// holds it alone, so nothing is written between sled's flush and the
-    /// journal's truncation. Order: gate, then pending, then journal.
-    journal_gate: Arc<RwLock<()>>,
-    /// Audit writes journalled but not yet in sled, in log order. They are
-    /// durable in the journal; sled gets them in one transaction once
-    /// `APPLY_AT` are waiting, before any read of the audit trees, and on
-    /// every flush, so many entries cost sled one write.
-    pending: Arc<Mutex<Vec<PendingWrite>>>,
+    audit: Arc<Segments>,
+    /// Writers of the audit files hold it shared; sealing a segment holds
+    /// it alone, so nothing is written between sled's flush and the seal.
+    /// Order: gate, then the segments' own lock.
+    audit_gate: Arc<RwLock<()>>,
+    audit_syncs: Arc<GroupCommit>,
+    /// Signed checkpoints appended to the audit files but not yet in sled.
+    /// They go into sled only after the sync that makes them durable, so
+    /// sled never holds a checkpoint whose entries a crash could lose.
+    pending_checkpoints: Arc<Mutex<Vec<SignedCheckpoint>>>,
 }
 
-/// An audit write waiting to be applied to sled.
-#[derive(Debug, Clone)]
-enum PendingWrite {
-    Entry {
-        index: u64,
-        entry: Vec<u8>,
-        leaf: [u8; 32],
-        patient: Option<NhsNumber>,
-    },
-    Checkpoint {
-        size: u64,
-        signed: Vec<u8>,
-    },
-}
+/// A checkpoint's log size and its signed bytes.
+type SignedCheckpoint = (u64, Vec<u8>);
 
-/// The journal's file inside the store directory.
-const JOURNAL_FILE: &str = "audit.journal";
-/// Queued audit writes are applied to sled once this many wait.
-const APPLY_AT: usize = 256;
-/// The journal is emptied into sled past this size.
-const JOURNAL_LIMIT: u64 = 3 * 1024 * 1024;
-
-fn journal_error(e: std::io::Error) -> StoreError {
-    StoreError::Io(format!("audit journal: {e}"))
-}
+/// The audit log's directory inside the store directory.
+const AUDIT_DIR: &str = "audit";
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     cbor::encode(value).map_err(corrupt)
@@ -225,212 +218,225 @@ impl Store {
                 }
             })?;
         let tree = |name: &str| db.open_tree(name);
-        let (journal, held) =
-            Journal::open(&path.join(JOURNAL_FILE)).map_err(|e| StoreError::Open {
-                path: shown.clone(),
-                message: format!("audit journal: {e}"),
-            })?;
+        let schema = Self::read_schema(&db)?;
+        let audit_dir = path.join(AUDIT_DIR);
+        if schema == Some(1) && audit_dir.exists() {
+            // A move from schema 1 that did not finish; it starts again.
+            std::fs::remove_dir_all(&audit_dir)?;
+        }
+        let (segments, recovered) = Segments::open(&audit_dir).map_err(|e| StoreError::Open {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
         let store = Self {
             records: tree(TREE_RECORDS)?,
             patient_index: tree(TREE_PATIENT_INDEX)?,
             flags: tree(TREE_FLAGS)?,
-            audit: tree(TREE_AUDIT)?,
-            audit_leaves: tree(TREE_AUDIT_LEAVES)?,
-            audit_by_patient: tree(TREE_AUDIT_BY_PATIENT)?,
             checkpoints: tree(TREE_CHECKPOINTS)?,
             replay: tree(TREE_REPLAY)?,
             trust: tree(TREE_TRUST)?,
             meta: tree(TREE_META)?,
             db,
             flushes: Arc::new(GroupCommit::default()),
-            journal: Arc::new(journal),
-            journal_syncs: Arc::new(GroupCommit::default()),
-            journal_gate: Arc::new(RwLock::new(())),
-            pending: Arc::new(Mutex::new(Vec::new())),
+            audit: Arc::new(segments),
+            audit_gate: Arc::new(RwLock::new(())),
+            audit_syncs: Arc::new(GroupCommit::default()),
+            pending_checkpoints: Arc::new(Mutex::new(Vec::new())),
         };
-        store.check_schema()?;
-        store.replay_journal(held)?;
+        match schema {
+            None => store.initialise()?,
+            Some(1) => store.move_audit_from_v1(path)?,
+            Some(SCHEMA_VERSION) => store.restore(recovered)?,
+            Some(found) => {
+                return Err(StoreError::Schema {
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+        }
         Ok(store)
     }
 
-    fn check_schema(&self) -> Result<(), StoreError> {
-        match self.meta.get(META_SCHEMA)? {
+    fn read_schema(db: &sled::Db) -> Result<Option<u32>, StoreError> {
+        match db.open_tree(TREE_META)?.get(META_SCHEMA)? {
             Some(bytes) => {
                 let raw: [u8; 4] = bytes.as_ref().try_into().map_err(corrupt)?;
-                let found = u32::from_be_bytes(raw);
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
+                Ok(Some(u32::from_be_bytes(raw)))
             }
-            None => {
-                self.meta
-                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-                let mut salt = [0u8; 32];
-                getrandom::fill(&mut salt).map_err(|e| StoreError::Io(e.to_string()))?;
-                self.meta.insert(META_POINTER_SALT, &salt)?;
-                self.flush()?;
-            }
+            None => Ok(None),
+        }
+    }
+
+    fn initialise(&self) -> Result<(), StoreError> {
+        self.meta
+            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        let mut salt = [0u8; 32];
+        getrandom::fill(&mut salt).map_err(|e| StoreError::Io(e.to_string()))?;
+        self.meta.insert(META_POINTER_SALT, &salt)?;
+        self.flush()
+    }
+
+    /// Writes back into sled the replay-cache entries and checkpoints that
+    /// the newest audit segment holds and a crash may have cost sled.
+    fn restore(&self, recovered: Recovered) -> Result<(), StoreError> {
+        for (key, expires) in &recovered.replay {
+            let _ = self.replay.compare_and_swap(
+                key.as_slice(),
+                None as Option<&[u8]>,
+                Some(&expires.to_be_bytes()[..]),
+            )?;
+        }
+        for (size, signed) in &recovered.checkpoints {
+            self.checkpoints
+                .insert(size.to_be_bytes(), signed.as_slice())?;
+        }
+        if recovered.cut > 0 || !recovered.replay.is_empty() || !recovered.checkpoints.is_empty() {
+            self.flush()?;
         }
         Ok(())
     }
 
+    /// Moves a schema 1 store's audit log (sled trees and journal) into
+    /// segment files, then drops the trees. Safe to interrupt: the schema
+    /// stays 1 until the move is durable, and a new attempt starts over.
+    fn move_audit_from_v1(&self, path: &Path) -> Result<(), StoreError> {
+        let entries = self.db.open_tree(V1_TREE_AUDIT)?;
+        let leaves = self.db.open_tree(V1_TREE_AUDIT_LEAVES)?;
+        let by_patient = self.db.open_tree(V1_TREE_AUDIT_BY_PATIENT)?;
+        let mut patients = std::collections::HashMap::new();
+        for item in by_patient.iter() {
+            let (key, _) = item?;
+            let (digits, index) = key
+                .split_at_checked(10)
+                .ok_or_else(|| corrupt("audit index key"))?;
+            let nhs = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| NhsNumber::parse(d).ok())
+                .ok_or_else(|| corrupt("audit index key"))?;
+            patients.insert(index_of(index)?, nhs);
+        }
+        let mut moved = 0u64;
+        for item in entries.iter() {
+            let (key, entry) = item?;
+            let index = index_of(&key)?;
+            let leaf = leaves
+                .get(&key)?
+                .ok_or_else(|| corrupt(format!("audit entry {index} has no leaf hash")))?;
+            let leaf: [u8; 32] = leaf.as_ref().try_into().map_err(corrupt)?;
+            self.append_audit(index, &entry, &leaf, patients.get(&index))?;
+            moved += 1;
+            if moved.is_multiple_of(1024) {
+                self.sync_audit()?;
+            }
+        }
+        // The schema 1 journal held entries and replay-cache writes that
+        // sled may not have had; its format is the segments' own.
+        let journal = path.join(V1_JOURNAL_FILE);
+        if journal.exists() {
+            let bytes = std::fs::read(&journal)?;
+            for (_, record) in crate::segments::Records::new(&bytes) {
+                match record {
+                    LogRecord::Audit {
+                        index,
+                        leaf,
+                        patient,
+                        entry,
+                    } if index == self.audit.len() => {
+                        self.append_audit(index, &entry, &leaf, patient.as_ref())?;
+                        moved += 1;
+                    }
+                    LogRecord::Replay { key, expires } => {
+                        let _ = self.replay.compare_and_swap(
+                            key,
+                            None as Option<&[u8]>,
+                            Some(&expires.to_be_bytes()[..]),
+                        )?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.sync_audit()?;
+        for tree in [
+            V1_TREE_AUDIT,
+            V1_TREE_AUDIT_LEAVES,
+            V1_TREE_AUDIT_BY_PATIENT,
+        ] {
+            self.db.drop_tree(tree)?;
+        }
+        self.meta
+            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        self.flush()?;
+        if journal.exists() {
+            std::fs::remove_file(&journal)?;
+        }
+        tracing::info!(
+            entries = moved,
+            "audit log moved from sled into segment files (schema 1 to 2)"
+        );
+        Ok(())
+    }
+
     /// Waits until everything written so far is on disk (sled's flush, which
-    /// survives a process crash; see decision 0002 for power loss).
-    /// Concurrent callers share flushes (group commit).
+    /// survives a process crash; see decision 0002 for power loss), the
+    /// audit files included. Concurrent callers share flushes (group commit).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.flushes.commit(|| {
-            self.apply_pending()?;
+            self.sync_audit_files()?;
             self.db.flush()?;
             Ok(())
         })
     }
 
-    /// Makes every audit and replay-cache entry written so far durable
-    /// through the journal (one `fdatasync`, shared by concurrent callers),
-    /// and applies the waiting audit writes to sled once enough wait.
-    /// Empties the journal into sled once it has grown large.
-    pub fn sync_journal(&self) -> Result<(), StoreError> {
-        self.journal_syncs
-            .commit(|| self.journal.sync().map_err(journal_error))?;
-        if self.pending_len() >= APPLY_AT {
-            self.apply_pending()?;
-        }
-        if self.journal.len() > JOURNAL_LIMIT {
-            self.empty_journal()?;
+    /// Makes every audit entry and replay-cache entry written so far
+    /// durable (one `fdatasync` of the newest audit segment, shared by
+    /// concurrent callers), then puts the checkpoints it covered into sled.
+    /// Seals the segment once it is full.
+    pub fn sync_audit(&self) -> Result<(), StoreError> {
+        self.sync_audit_files()?;
+        if self.audit.active_len() > SEGMENT_LIMIT {
+            self.seal_audit_segment()?;
         }
         Ok(())
     }
 
-    /// Makes everything in sled durable and empties the journal, with
-    /// writers held off meanwhile.
-    fn empty_journal(&self) -> Result<(), StoreError> {
+    fn sync_audit_files(&self) -> Result<(), StoreError> {
+        let waiting = std::mem::take(&mut *self.lock_checkpoints());
+        if let Err(e) = self.audit_syncs.commit(|| self.audit.sync()) {
+            self.lock_checkpoints().extend(waiting);
+            return Err(e.into());
+        }
+        for (size, signed) in waiting {
+            self.checkpoints.insert(size.to_be_bytes(), signed)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sled durable and seals the newest audit segment, with writers
+    /// held off meanwhile.
+    fn seal_audit_segment(&self) -> Result<(), StoreError> {
         let _alone = self
-            .journal_gate
+            .audit_gate
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.audit.active_len() <= SEGMENT_LIMIT {
+            return Ok(()); // Another caller sealed it first.
+        }
         self.flush()?;
-        self.journal.reset().map_err(journal_error)
+        self.audit.seal()?;
+        Ok(())
     }
 
     fn shared_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.journal_gate
+        self.audit_gate
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn pending_len(&self) -> usize {
-        self.pending
+    fn lock_checkpoints(&self) -> std::sync::MutexGuard<'_, Vec<SignedCheckpoint>> {
+        self.pending_checkpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
-    }
-
-    /// Applies every waiting audit write to sled in one transaction, in
-    /// order. The lock is held throughout so two callers cannot reorder.
-    fn apply_pending(&self) -> Result<(), StoreError> {
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.apply_locked(&mut pending)
-    }
-
-    fn apply_locked(&self, pending: &mut Vec<PendingWrite>) -> Result<(), StoreError> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let writes: &[PendingWrite] = pending;
-        (
-            &self.audit,
-            &self.audit_leaves,
-            &self.audit_by_patient,
-            &self.checkpoints,
-        )
-            .transaction(|(audit, leaves, by_patient, checkpoints)| {
-                for write in writes {
-                    match write {
-                        PendingWrite::Entry {
-                            index,
-                            entry,
-                            leaf,
-                            patient,
-                        } => {
-                            let key = index.to_be_bytes();
-                            audit.insert(&key, entry.as_slice())?;
-                            leaves.insert(&key, &leaf[..])?;
-                            if let Some(nhs) = patient {
-                                let mut pkey = nhs.digits().into_bytes();
-                                pkey.extend_from_slice(&key);
-                                by_patient.insert(pkey, &[])?;
-                            }
-                        }
-                        PendingWrite::Checkpoint { size, signed } => {
-                            checkpoints.insert(&size.to_be_bytes(), signed.as_slice())?;
-                        }
-                    }
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })?;
-        pending.clear();
-        Ok(())
-    }
-
-    /// Writes back into sled whatever the journal holds that sled lost in a
-    /// crash, makes sled durable and empties the journal.
-    fn replay_journal(&self, held: Vec<JournalRecord>) -> Result<(), StoreError> {
-        if held.is_empty() {
-            return Ok(());
-        }
-        let mut restored = 0;
-        for record in held {
-            match record {
-                JournalRecord::Audit {
-                    index,
-                    leaf,
-                    patient,
-                    entry,
-                } => {
-                    let next = self.audit_len()?;
-                    if index < next {
-                        continue;
-                    }
-                    if index > next {
-                        return Err(corrupt(format!(
-                            "the audit journal holds entry {index} but the log ends at {next}"
-                        )));
-                    }
-                    // Queued like a new entry; `empty_journal` below applies
-                    // them all to sled in one transaction.
-                    self.pending
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(PendingWrite::Entry {
-                            index,
-                            entry,
-                            leaf,
-                            patient,
-                        });
-                    restored += 1;
-                }
-                JournalRecord::Replay { key, expires } => {
-                    let _ = self.replay.compare_and_swap(
-                        key,
-                        None as Option<&[u8]>,
-                        Some(&expires.to_be_bytes()[..]),
-                    )?;
-                }
-            }
-        }
-        if restored > 0 {
-            tracing::warn!(
-                restored,
-                "audit entries restored from the journal after an unclean stop"
-            );
-        }
-        self.empty_journal()
     }
 
     /// A per-store random salt for opaque pointer ids.
@@ -525,7 +531,7 @@ impl Store {
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.audit.size_on_disk()
     }
 
     /// Number of records held.
@@ -616,8 +622,8 @@ impl Store {
     // Replay cache.
 
     /// Records `(iss, cti)` until `expires`. Returns true if it was already
-    /// there (a replay). The entry is journalled and made durable with the
-    /// audit write that follows every verified request.
+    /// there (a replay). The entry is appended to the audit files and made
+    /// durable with the audit write that follows every verified request.
     pub fn seen_before(
         &self,
         iss: &OdsCode,
@@ -636,9 +642,7 @@ impl Store {
         if inserted.is_err() {
             return Ok(true);
         }
-        self.journal
-            .append(&JournalRecord::Replay { key, expires })
-            .map_err(journal_error)?;
+        self.audit.append(&LogRecord::Replay { key, expires })?;
         Ok(false)
     }
 
@@ -678,29 +682,17 @@ impl Store {
 
     /// Number of audit entries.
     pub fn audit_len(&self) -> Result<u64, StoreError> {
-        let waiting = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .rev()
-            .find_map(|w| match w {
-                PendingWrite::Entry { index, .. } => Some(*index + 1),
-                PendingWrite::Checkpoint { .. } => None,
-            });
-        if let Some(len) = waiting {
-            return Ok(len);
-        }
-        match self.audit.last()? {
-            Some((key, _)) => Ok(index_of(&key)? + 1),
-            None => Ok(0),
-        }
+        Ok(self.audit.len())
     }
 
-    /// Journals audit entry `index` (the next one, which the caller's lock
-    /// guarantees) and queues it, its leaf hash and its patient index for
-    /// sled. Not yet durable: the caller calls [`Store::sync_journal`] before
-    /// it counts on the entry.
+    /// The Merkle peaks of the whole audit log, for carrying on appending.
+    pub fn audit_range(&self) -> careweave_protocol::audit::CompactRange {
+        self.audit.range()
+    }
+
+    /// Appends audit entry `index` (the next one, which the caller's lock
+    /// guarantees) with its leaf hash and patient. Not yet durable: the
+    /// caller calls [`Store::sync_audit`] before it counts on the entry.
     pub fn append_audit(
         &self,
         index: u64,
@@ -709,28 +701,12 @@ impl Store {
         patient: Option<&NhsNumber>,
     ) -> Result<(), StoreError> {
         let _gate = self.shared_gate();
-        let mut pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.journal
-            .append(&JournalRecord::Audit {
-                index,
-                leaf: *leaf_hash,
-                patient: patient.copied(),
-                entry: entry.to_vec(),
-            })
-            .map_err(journal_error)?;
-        pending.push(PendingWrite::Entry {
+        self.audit.append(&LogRecord::Audit {
             index,
-            entry: entry.to_vec(),
             leaf: *leaf_hash,
             patient: patient.copied(),
-        });
-        // A bound even for callers that append many entries before a sync.
-        if pending.len() >= 4 * APPLY_AT {
-            self.apply_locked(&mut pending)?;
-        }
+            entry: entry.to_vec(),
+        })?;
         Ok(())
     }
 
@@ -738,87 +714,55 @@ impl Store {
     pub fn audit_entries(
         &self,
     ) -> impl Iterator<Item = Result<(u64, Vec<u8>, [u8; 32]), StoreError>> + '_ {
-        // Queued entries first, so the iteration sees the whole log.
-        let settled = self.apply_pending().err().map(Err);
-        settled
-            .into_iter()
-            .chain(self.audit.iter().map(move |item| {
-                let (key, entry) = item?;
-                let index = index_of(&key)?;
-                let leaf = self
-                    .audit_leaves
-                    .get(&key)?
-                    .ok_or_else(|| corrupt(format!("audit entry {index} has no leaf hash")))?;
-                let leaf: [u8; 32] = leaf.as_ref().try_into().map_err(corrupt)?;
-                Ok((index, entry.to_vec(), leaf))
-            }))
+        self.audit
+            .entries()
+            .map(|item| item.map_err(StoreError::from))
     }
 
     /// The audit entry at `index`.
     pub fn audit_entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(bytes) = self.audit.get(index.to_be_bytes())? {
-            return Ok(Some(bytes.to_vec()));
-        }
-        Ok(self
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .find_map(|w| match w {
-                PendingWrite::Entry {
-                    index: i, entry, ..
-                } if *i == index => Some(entry.clone()),
-                _ => None,
-            }))
+        Ok(self.audit.entry(index)?)
     }
 
-    /// Indexes of a patient's audit entries.
-    pub fn audit_for_patient(&self, nhs: &NhsNumber) -> Result<Vec<u64>, StoreError> {
-        self.apply_pending()?;
-        let prefix = nhs.digits().into_bytes();
-        self.audit_by_patient
-            .scan_prefix(&prefix)
-            .map(|item| {
-                let (key, _) = item?;
-                index_of(
-                    key.get(prefix.len()..)
-                        .ok_or_else(|| corrupt("audit index key"))?,
-                )
-            })
-            .collect()
+    /// A patient's audit entries (index and bytes), oldest first.
+    pub fn audit_for_patient(&self, nhs: &NhsNumber) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Ok(self.audit.patient_entries(nhs)?)
     }
 
-    /// Queues a signed checkpoint for a log size behind the entries it
-    /// covers, so sled never holds a checkpoint without its entries. Stored
-    /// by the next journal sync or flush.
+    /// Appends a signed checkpoint for a log size behind the entries it
+    /// covers. It is durable, and in sled, after the next sync or flush.
     pub fn put_checkpoint(&self, size: u64, signed: &[u8]) -> Result<(), StoreError> {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(PendingWrite::Checkpoint {
-                size,
-                signed: signed.to_vec(),
-            });
+        let _gate = self.shared_gate();
+        let mut waiting = self.lock_checkpoints();
+        self.audit.append(&LogRecord::Checkpoint {
+            size,
+            signed: signed.to_vec(),
+        })?;
+        waiting.push((size, signed.to_vec()));
         Ok(())
     }
 
     /// Every checkpoint, by size.
     pub fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.apply_pending()?;
-        self.checkpoints
+        let mut all: Vec<(u64, Vec<u8>)> = self
+            .checkpoints
             .iter()
             .map(|item| {
                 let (key, value) = item?;
                 Ok((index_of(&key)?, value.to_vec()))
             })
-            .collect()
+            .collect::<Result<_, StoreError>>()?;
+        all.extend(self.lock_checkpoints().iter().cloned());
+        all.sort_by_key(|(size, _)| *size);
+        all.dedup_by_key(|(size, _)| *size);
+        Ok(all)
     }
 
-    /// Overwrites an audit entry's bytes (for tamper tests and nothing else).
+    /// Overwrites an audit entry's bytes in the newest segment but not its
+    /// recorded leaf hash (for tamper tests and nothing else).
     #[doc(hidden)]
     pub fn tamper_audit_entry(&self, index: u64, entry: &[u8]) -> Result<(), StoreError> {
-        self.audit.insert(index.to_be_bytes(), entry)?;
-        self.flush()
+        Ok(self.audit.tamper(index, entry)?)
     }
 }
 
@@ -898,7 +842,7 @@ mod tests {
                 err,
                 StoreError::Schema {
                     found: 7,
-                    expected: 1
+                    expected: SCHEMA_VERSION
                 }
             ),
             "{err}"
@@ -919,34 +863,43 @@ mod tests {
     }
 
     #[test]
-    fn audit_entries_survive_the_journal_being_emptied_into_sled() {
+    fn audit_entries_survive_segments_being_sealed_and_reopened() {
         let dir = tempfile::tempdir().unwrap();
         let nhs = NhsNumber::parse("9990000018").unwrap();
+        let other = NhsNumber::parse("9990000026").unwrap();
         let entry = |i: u64| {
             let mut bytes = vec![(i % 251) as u8; 4096];
             bytes.extend_from_slice(&i.to_be_bytes());
             bytes
         };
-        let count = 1200u64;
+        let patient = |i: u64| if i.is_multiple_of(3) { &other } else { &nhs };
+        // Enough 4 KiB entries to fill one segment and begin the next.
+        let count = SEGMENT_LIMIT / 4096 + 300;
         {
             let store = Store::open(dir.path(), 1 << 20).unwrap();
-            let mut emptied = 0;
             for i in 0..count {
-                let before = store.journal.len();
                 store
-                    .append_audit(i, &entry(i), &[i as u8; 32], Some(&nhs))
+                    .append_audit(i, &entry(i), &[i as u8; 32], Some(patient(i)))
                     .unwrap();
-                store.sync_journal().unwrap();
-                if store.journal.len() < before {
-                    emptied += 1;
+                if i % 64 == 0 {
+                    store.put_checkpoint(i + 1, &[i as u8; 8]).unwrap();
                 }
-                // Queued or in sled, every entry reads back at once.
-                assert_eq!(store.audit_len().unwrap(), i + 1);
-                assert_eq!(store.audit_entry(i).unwrap(), Some(entry(i)));
+                store.sync_audit().unwrap();
             }
-            assert!(emptied >= 1, "4.8 MB of entries never emptied the journal");
-            assert!(store.journal.len() <= JOURNAL_LIMIT);
+            assert_eq!(store.audit_len().unwrap(), count);
+            assert_eq!(store.audit_entry(5).unwrap(), Some(entry(5)));
+            assert_eq!(
+                store.audit_entry(count - 1).unwrap(),
+                Some(entry(count - 1))
+            );
         }
+        let segments = std::fs::read_dir(dir.path().join(AUDIT_DIR))
+            .unwrap()
+            .count();
+        assert_eq!(
+            segments, 3,
+            "one sealed segment with its index and the newest"
+        );
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(store.audit_len().unwrap(), count);
         let all: Vec<_> = store.audit_entries().map(Result::unwrap).collect();
@@ -956,7 +909,89 @@ mod tests {
             assert_eq!(bytes, entry(index));
             assert_eq!(leaf, [index as u8; 32]);
         }
-        assert_eq!(store.audit_for_patient(&nhs).unwrap().len() as u64, count);
+        let theirs = store.audit_for_patient(&other).unwrap();
+        assert_eq!(theirs.len() as u64, count.div_ceil(3));
+        assert!(
+            theirs
+                .iter()
+                .all(|(i, bytes)| i.is_multiple_of(3) && *bytes == entry(*i))
+        );
+        assert_eq!(
+            store.audit_for_patient(&nhs).unwrap().len() as u64,
+            count - count.div_ceil(3)
+        );
+        let checkpoints = store.checkpoints().unwrap();
+        assert_eq!(checkpoints.len() as u64, count.div_ceil(64));
+        assert_eq!(
+            checkpoints.last().unwrap().1,
+            vec![((count - 1) / 64 * 64) as u8; 8]
+        );
+    }
+
+    #[test]
+    fn a_schema_1_store_has_its_audit_log_moved_into_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let nhs = NhsNumber::parse("9990000018").unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree(TREE_META).unwrap();
+            meta.insert(META_SCHEMA, &1u32.to_be_bytes()).unwrap();
+            meta.insert(META_POINTER_SALT, &[9u8; 32]).unwrap();
+            let audit = db.open_tree(V1_TREE_AUDIT).unwrap();
+            let leaves = db.open_tree(V1_TREE_AUDIT_LEAVES).unwrap();
+            let by_patient = db.open_tree(V1_TREE_AUDIT_BY_PATIENT).unwrap();
+            for i in 0u64..3 {
+                audit.insert(i.to_be_bytes(), vec![i as u8; 10]).unwrap();
+                leaves.insert(i.to_be_bytes(), &[i as u8; 32]).unwrap();
+            }
+            let mut key = b"9990000018".to_vec();
+            key.extend_from_slice(&1u64.to_be_bytes());
+            by_patient.insert(key, &[]).unwrap();
+            db.open_tree(TREE_CHECKPOINTS)
+                .unwrap()
+                .insert(2u64.to_be_bytes(), &b"signed"[..])
+                .unwrap();
+            db.flush().unwrap();
+            // The schema 1 journal held a fourth entry sled had not got.
+            let journal = LogRecord::Audit {
+                index: 3,
+                leaf: [3; 32],
+                patient: Some(nhs),
+                entry: vec![3; 10],
+            };
+            std::fs::write(dir.path().join(V1_JOURNAL_FILE), journal.encode()).unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.audit_len().unwrap(), 4);
+        let all: Vec<_> = store.audit_entries().map(Result::unwrap).collect();
+        for (i, (index, bytes, leaf)) in all.into_iter().enumerate() {
+            assert_eq!(
+                (index, bytes, leaf),
+                (i as u64, vec![i as u8; 10], [i as u8; 32])
+            );
+        }
+        let mine: Vec<u64> = store
+            .audit_for_patient(&nhs)
+            .unwrap()
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(mine, vec![1, 3]);
+        assert_eq!(store.checkpoints().unwrap(), vec![(2, b"signed".to_vec())]);
+        assert_eq!(store.pointer_salt().unwrap(), [9u8; 32]);
+        assert!(!dir.path().join(V1_JOURNAL_FILE).exists());
+        assert!(
+            !store
+                .db
+                .tree_names()
+                .iter()
+                .any(|t| t.as_ref() == V1_TREE_AUDIT.as_bytes())
+        );
+        drop(store);
+        // Opened again, it is an ordinary schema 2 store.
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.audit_len().unwrap(), 4);
+        assert_eq!(Store::read_schema(&store.db).unwrap(), Some(SCHEMA_VERSION));
     }
 
     #[test]

@@ -259,7 +259,7 @@ fn sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection() {
     let loaded = config::load(&config_path, []).unwrap();
     let me = std::env::current_exe().unwrap();
     // Kill after different numbers of answers, so the kill lands at
-    // different points of the write, journal, sync and checkpoint cycle.
+    // different points of the write, sync, checkpoint and seal cycle.
     for (round, answers) in [1usize, 3, 17, 40, 95, 7, 160, 2, 61, 250]
         .into_iter()
         .enumerate()

@@ -307,6 +307,29 @@ impl CompactRange {
         self.size += 1;
     }
 
+    /// The peaks' hashes, largest subtree first: with the size, all that
+    /// is needed to carry on appending later.
+    pub fn peak_hashes(&self) -> Vec<Hash> {
+        self.peaks.iter().map(|(_, hash)| *hash).collect()
+    }
+
+    /// Rebuilds a range from its size and [`CompactRange::peak_hashes`].
+    /// `None` when the number of hashes does not fit the size (one peak per
+    /// set bit of the size).
+    pub fn from_peaks(size: u64, hashes: &[Hash]) -> Option<Self> {
+        let heights: Vec<u32> = (0..u64::BITS)
+            .rev()
+            .filter(|bit| size & (1 << bit) != 0)
+            .collect();
+        if heights.len() != hashes.len() {
+            return None;
+        }
+        Some(Self {
+            size,
+            peaks: heights.into_iter().zip(hashes.iter().copied()).collect(),
+        })
+    }
+
     /// The tree hash of all leaves so far (RFC 6962).
     pub fn root(&self) -> Hash {
         let mut peaks = self.peaks.iter().rev();
@@ -619,6 +642,20 @@ mod tests {
             assert_eq!(range.size(), i as u64 + 1);
             assert_eq!(range.root(), root(&l[..=i]), "size {}", i + 1);
         }
+    }
+
+    #[test]
+    fn a_range_rebuilt_from_its_peaks_carries_on_the_same() {
+        let l = leaves(77);
+        for cut in [0usize, 1, 2, 31, 64, 76] {
+            let mut range = CompactRange::default();
+            l[..cut].iter().for_each(|leaf| range.append(*leaf));
+            let mut rebuilt = CompactRange::from_peaks(range.size(), &range.peak_hashes()).unwrap();
+            l[cut..].iter().for_each(|leaf| rebuilt.append(*leaf));
+            assert_eq!(rebuilt.root(), root(&l), "cut at {cut}");
+        }
+        // 6 has two set bits, so one hash is not enough.
+        assert!(CompactRange::from_peaks(6, &[[0; 32]]).is_none());
     }
 
     proptest! {
