@@ -188,6 +188,31 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
     cbor::decode(bytes, Limits::MESSAGE).map_err(corrupt)
 }
 
+/// zstd level for stored records: the fastest level already takes a 1 KiB
+/// FHIR resource's signed record to well under half (decision 0013).
+const RECORD_COMPRESSION_LEVEL: i32 = 1;
+/// A stored record never decompresses to more than this.
+const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
+/// Every zstd frame starts with these bytes; a CBOR record (a map) never does.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A record as sled holds it: its CBOR, compressed.
+fn encode_record(record: &StoredRecord) -> Result<Vec<u8>, StoreError> {
+    let plain = encode(record)?;
+    zstd::bulk::compress(&plain, RECORD_COMPRESSION_LEVEL)
+        .map_err(|e| StoreError::Io(format!("record compression: {e}")))
+}
+
+/// Reads a stored record, compressed or (as schema 1 wrote them) not.
+fn decode_record(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
+    if bytes.starts_with(&ZSTD_MAGIC) {
+        let plain = zstd::bulk::decompress(bytes, MAX_RECORD_BYTES).map_err(corrupt)?;
+        decode(&plain)
+    } else {
+        decode(bytes)
+    }
+}
+
 fn patient_key(nhs: &NhsNumber, record_key: &str) -> Vec<u8> {
     let mut key = nhs.digits().into_bytes();
     key.push(b'/');
@@ -458,7 +483,7 @@ impl Store {
     ) -> Result<Option<StoredRecord>, StoreError> {
         self.records
             .get(record_key(resource_type, id))?
-            .map(|b| decode(&b))
+            .map(|b| decode_record(&b))
             .transpose()
     }
 
@@ -468,7 +493,7 @@ impl Store {
         let encoded: Vec<Option<Vec<u8>>> = writes
             .iter()
             .map(|w| match w {
-                RecordWrite::Put(r) => encode(r).map(Some),
+                RecordWrite::Put(r) => encode_record(r).map(Some),
                 RecordWrite::Remove { .. } => Ok(None),
             })
             .collect::<Result<_, _>>()?;
@@ -482,7 +507,7 @@ impl Store {
                 let old = records.get(key.as_bytes())?;
                 if let Some(old) = &old {
                     let old: StoredRecord =
-                        decode(old).map_err(ConflictableTransactionError::Abort)?;
+                        decode_record(old).map_err(ConflictableTransactionError::Abort)?;
                     index.remove(patient_key(&old.nhs_number, &key))?;
                 }
                 match (write, bytes) {
@@ -522,7 +547,7 @@ impl Store {
                 .get(prefix.len()..)
                 .ok_or_else(|| corrupt("index key"))?;
             match self.records.get(record_key)? {
-                Some(bytes) => out.push(decode(&bytes)?),
+                Some(bytes) => out.push(decode_record(&bytes)?),
                 None => return Err(corrupt("index names a missing record")),
             }
         }
@@ -560,7 +585,7 @@ impl Store {
         let mut records = 0;
         for item in self.records.iter() {
             let (key, bytes) = item?;
-            let record: StoredRecord = decode(&bytes)?;
+            let record = decode_record(&bytes)?;
             if record.key().as_bytes() != key.as_ref() {
                 return Err(corrupt(format!(
                     "record stored under the wrong key {}",
@@ -826,6 +851,35 @@ mod tests {
         assert_eq!(out, [WriteOutcome::Removed, WriteOutcome::NotFound]);
         assert!(store.patient_records(&a).unwrap().is_empty());
         assert_eq!(store.patient_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn records_are_compressed_and_uncompressed_ones_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mut big = record("9990000018", "c1");
+        big.signed = b"Blood pressure taken seated, left arm. ".repeat(30);
+        store
+            .write_records(&[RecordWrite::Put(big.clone())])
+            .unwrap();
+        let held = store.records.get(big.key()).unwrap().unwrap();
+        assert!(held.starts_with(&ZSTD_MAGIC));
+        assert!(held.len() < big.signed.len() / 2, "{} bytes", held.len());
+        assert_eq!(store.record("Condition", "c1").unwrap(), Some(big));
+        // Schema 1 wrote plain CBOR.
+        let plain = record("9990000018", "c2");
+        store
+            .records
+            .insert(plain.key(), encode(&plain).unwrap())
+            .unwrap();
+        assert_eq!(store.record("Condition", "c2").unwrap(), Some(plain));
+        // A frame that claims more than a record may hold is refused.
+        let bomb = zstd::bulk::compress(&vec![0u8; MAX_RECORD_BYTES + 1], 1).unwrap();
+        store.records.insert("Condition/c3", bomb).unwrap();
+        assert!(matches!(
+            store.record("Condition", "c3"),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]
