@@ -196,12 +196,63 @@ const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 /// Every zstd frame starts with these bytes; a CBOR record (a map) never does.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
+thread_local! {
+    /// One compression context per thread, reused: making one per record
+    /// cost more than compressing it.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A record as sled holds it: its CBOR, compressed.
 fn encode_record(record: &StoredRecord) -> Result<Vec<u8>, StoreError> {
     let plain = encode(record)?;
-    zstd::bulk::compress(&plain, RECORD_COMPRESSION_LEVEL)
-        .map_err(|e| StoreError::Io(format!("record compression: {e}")))
+    let failed = |e: std::io::Error| StoreError::Io(format!("record compression: {e}"));
+    COMPRESSOR.with_borrow_mut(|slot| {
+        let compressor = match slot {
+            Some(compressor) => compressor,
+            None => {
+                slot.insert(zstd::bulk::Compressor::new(RECORD_COMPRESSION_LEVEL).map_err(failed)?)
+            }
+        };
+        compressor.compress(&plain).map_err(failed)
+    })
 }
+
+/// Encodes a batch's records, on several threads when the batch is large.
+fn encode_writes(writes: &[RecordWrite]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+    let encode_one = |write: &RecordWrite| match write {
+        RecordWrite::Put(record) => encode_record(record).map(Some),
+        RecordWrite::Remove { .. } => Ok(None),
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_ENCODING_THREADS);
+    if threads == 1 || writes.len() < PARALLEL_ENCODING_FROM {
+        return writes.iter().map(encode_one).collect();
+    }
+    let per_thread = writes.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = writes
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || chunk.iter().map(encode_one).collect::<Result<Vec<_>, _>>())
+            })
+            .collect();
+        let mut encoded = Vec::with_capacity(writes.len());
+        for worker in workers {
+            let part = worker
+                .join()
+                .map_err(|_| StoreError::Io("a record encoding thread panicked".into()))??;
+            encoded.extend(part);
+        }
+        Ok(encoded)
+    })
+}
+
+/// Threads that encode one large batch of records.
+const MAX_ENCODING_THREADS: usize = 4;
+/// Batches smaller than this are encoded on the caller's thread.
+const PARALLEL_ENCODING_FROM: usize = 64;
 
 /// Reads a stored record, compressed or (as schema 1 wrote them) not.
 fn decode_record(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
@@ -490,13 +541,7 @@ impl Store {
     /// Applies a batch of record writes atomically, then flushes. Returns
     /// what each write did, in order.
     pub fn write_records(&self, writes: &[RecordWrite]) -> Result<Vec<WriteOutcome>, StoreError> {
-        let encoded: Vec<Option<Vec<u8>>> = writes
-            .iter()
-            .map(|w| match w {
-                RecordWrite::Put(r) => encode_record(r).map(Some),
-                RecordWrite::Remove { .. } => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
+        let encoded = encode_writes(writes)?;
         let outcomes = (&self.records, &self.patient_index).transaction(|(records, index)| {
             let mut outcomes = Vec::with_capacity(writes.len());
             for (write, bytes) in writes.iter().zip(&encoded) {
