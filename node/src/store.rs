@@ -203,9 +203,9 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// A record as sled holds it: its CBOR, compressed.
+/// A record as sled holds it: its CBOR, fields keyed by position, compressed.
 fn encode_record(record: &StoredRecord) -> Result<Vec<u8>, StoreError> {
-    let plain = encode(record)?;
+    let plain = cbor::encode_packed(record).map_err(corrupt)?;
     let failed = |e: std::io::Error| StoreError::Io(format!("record compression: {e}"));
     COMPRESSOR.with_borrow_mut(|slot| {
         let compressor = match slot {

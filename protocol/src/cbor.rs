@@ -105,6 +105,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CborError> {
     serde_cbor::to_vec(value).map_err(|e| CborError::Encode(e.to_string()))
 }
 
+/// Encodes `value` with struct fields keyed by their position instead of
+/// their name: for stored values, where the names would be repeated in every
+/// one. [`decode`] reads both forms.
+pub fn encode_packed<T: Serialize>(value: &T) -> Result<Vec<u8>, CborError> {
+    serde_cbor::ser::to_vec_packed(value).map_err(|e| CborError::Encode(e.to_string()))
+}
+
 /// Checks the bytes against `limits` and decodes them into `T`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limits: Limits) -> Result<T, CborError> {
     check_well_formed(bytes, limits)?;
