@@ -141,6 +141,9 @@ pub struct OutboundRequest {
     pub nhs_number: Option<NhsNumber>,
     /// Who asked and why (none for trust pulls).
     pub context: Option<RequesterContext>,
+    /// Set once an answer has been accepted: a request takes one answer,
+    /// so a copy of it is refused as a replay without the replay cache.
+    answered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A peer's answer to a locate.
@@ -1119,6 +1122,7 @@ impl Node {
             peer_id,
             nhs_number: None,
             context: None,
+            answered: Arc::default(),
         })
     }
 
@@ -1294,6 +1298,7 @@ impl Node {
             peer_id,
             nhs_number: Some(nhs_number),
             context: Some(context.clone()),
+            answered: Arc::default(),
         })
     }
 
@@ -1316,16 +1321,17 @@ impl Node {
             now,
             max_bytes: self.config.network.max_frame_bytes,
         };
-        // The replay cache is consulted only once the response is known to
-        // answer this request, so a misdelivered response does not burn it.
+        // A response is bound to its request by the request's hash, and a
+        // request takes one answer, so a replayed response is refused here
+        // without the persisted replay cache: no request made before a
+        // restart is waiting afterwards (decision 0013).
         let opened = envelope::open(bytes, &ctx, |_, _, _| false)?;
         if opened.request_hash != Some(request.hash) {
             return Err(ResponseError::NotOurRequest);
         }
-        if self
-            .store
-            .seen_before(&opened.sender, &opened.cti, opened.exp)
-            .unwrap_or(true)
+        if request
+            .answered
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
         {
             return Err(ResponseError::Verify(VerifyError::Replayed {
                 iss: opened.sender,
