@@ -106,6 +106,33 @@ fn ndjson(path: &std::path::Path) -> Vec<String> {
     ids
 }
 
+/// A seed for the random kill points: `CAREWEAVE_CRASH_SEED` to repeat a
+/// run, otherwise fresh. Failures print it.
+fn crash_seed() -> u64 {
+    std::env::var("CAREWEAVE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).unwrap();
+            u64::from_le_bytes(bytes)
+        })
+}
+
+/// SplitMix64: `n` numbers in `range`, from `seed`.
+fn random_points(seed: u64, n: usize, range: std::ops::Range<u64>) -> Vec<u64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            range.start + (z ^ (z >> 31)) % (range.end - range.start)
+        })
+        .collect()
+}
+
 #[test]
 fn sigkill_during_import_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -118,7 +145,10 @@ fn sigkill_during_import_loses_nothing_acknowledged() {
     // Kill points by progress (after the k-th flushed batch), so every kill
     // lands mid-import whatever the machine's speed, plus a few by time right
     // after start-up. 40 000 records in batches of 250 is 160 batches.
-    let points = [
+    // Ten fixed points, then ten at random: delays up to 300 ms and batches
+    // anywhere in the import.
+    let seed = crash_seed();
+    let mut points = vec![
         KillAt::Delay(0),
         KillAt::Delay(20),
         KillAt::Batch(1),
@@ -130,6 +160,13 @@ fn sigkill_during_import_loses_nothing_acknowledged() {
         KillAt::Batch(80),
         KillAt::Batch(120),
     ];
+    for (i, n) in random_points(seed, 10, 0..300).into_iter().enumerate() {
+        points.push(if i % 3 == 0 {
+            KillAt::Delay(n)
+        } else {
+            KillAt::Batch(usize::try_from(n % 159).unwrap() + 1)
+        });
+    }
     for point in points {
         let mut child = Command::new(BIN)
             .arg("--config")
@@ -167,7 +204,7 @@ fn sigkill_during_import_loses_nothing_acknowledged() {
         child.kill().ok(); // SIGKILL
         child.wait().unwrap();
         let acknowledged = reader.join().unwrap();
-        let delay_ms = format!("{point:?}");
+        let delay_ms = format!("{point:?} (CAREWEAVE_CRASH_SEED={seed})");
 
         // Reopen: every acknowledged record is there and intact.
         let loaded = config::load(&config_path, []).unwrap();
@@ -260,10 +297,16 @@ fn sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection() {
     let me = std::env::current_exe().unwrap();
     // Kill after different numbers of answers, so the kill lands at
     // different points of the write, sync, checkpoint and seal cycle.
-    for (round, answers) in [1usize, 3, 17, 40, 95, 7, 160, 2, 61, 250]
-        .into_iter()
-        .enumerate()
-    {
+    // Ten fixed counts, then ten at random.
+    let seed = crash_seed();
+    let mut counts = vec![1usize, 3, 17, 40, 95, 7, 160, 2, 61, 250];
+    counts.extend(
+        random_points(seed, 10, 1..300)
+            .into_iter()
+            .map(|n| usize::try_from(n).unwrap()),
+    );
+    for (round, answers) in counts.into_iter().enumerate() {
+        let round = format!("{round} (CAREWEAVE_CRASH_SEED={seed})");
         let mut child = Command::new(&me)
             .args([
                 "sigkill_while_answering_loses_no_audit_entry_and_no_replay_protection",
