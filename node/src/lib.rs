@@ -21,3 +21,4 @@ pub mod pointers;
 pub mod policy;
 mod segments;
 pub mod store;
+pub mod strikes;

@@ -26,6 +26,7 @@ use crate::keys::NodeKeys;
 use crate::pointers;
 use crate::policy::{self, PolicySettings};
 use crate::store::{Store, StoreError, StoredRecord};
+use crate::strikes::{self, Strikes};
 
 /// Counters an operator watches. Every label set is fixed and small.
 #[derive(Debug, Default)]
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// Frames refused unread for size (shared with the network codec).
     pub frames_too_large: std::sync::Arc<AtomicU64>,
+    /// Connections closed because a peer kept sending bad messages.
+    pub connections_closed_for_bad_messages: AtomicU64,
 }
 
 impl Metrics {
@@ -227,6 +230,8 @@ pub struct Node {
     trust: RwLock<Option<Arc<TrustState>>>,
     ods: OdsCode,
     peer_id: PeerIdBytes,
+    /// Bad messages per peer; past the limit, connections are closed.
+    strikes: Strikes,
 }
 
 impl Node {
@@ -259,6 +264,7 @@ impl Node {
             audit,
             metrics: Metrics::default(),
             trust: RwLock::new(None),
+            strikes: Strikes::default(),
             store,
         };
         node.load_stored_trust(now);
@@ -634,6 +640,18 @@ impl Node {
         let Some(peer) = peer else {
             return Inbound::Drop(format!("refused ({reason}) a peer that is not on the list"));
         };
+        if strikes::is_bad_message(reason) && self.strikes.record(remote.as_bytes(), now) {
+            self.metrics
+                .connections_closed_for_bad_messages
+                .fetch_add(1, Ordering::Relaxed);
+            return Inbound::Drop(format!(
+                "{} ({}) keeps sending bad messages, the last {reason}: more than {} in {} s",
+                peer.ods,
+                remote.to_base58(),
+                strikes::DEFAULT_LIMIT,
+                strikes::DEFAULT_WINDOW_SECS
+            ));
+        }
         let message: String = detail.chars().take(1000).collect();
         self.reply(
             protocol,

@@ -334,6 +334,72 @@ fn each_bad_request_is_refused_with_its_own_reason_and_audited() {
 }
 
 #[test]
+fn a_member_that_keeps_sending_bad_messages_has_its_connection_closed() {
+    use careweave_node::strikes::{DEFAULT_LIMIT, DEFAULT_WINDOW_SECS};
+    let (qhg, que) = pair();
+    let qhg_peer = qhg.node.peer_id().clone();
+    let tampered = |now: u64| {
+        let mut bytes = qhg
+            .node
+            .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), now)
+            .unwrap()
+            .bytes;
+        let n = bytes.len();
+        bytes[n - 5] ^= 0x10;
+        bytes
+    };
+    // Up to the limit, each bad message gets its signed refusal.
+    for _ in 0..DEFAULT_LIMIT {
+        let (reason, _) = refused_with(&que.node, &qhg_peer, &tampered(T0), T0);
+        assert!(reason.starts_with("bad-signature"), "{reason}");
+    }
+    // The next closes the connection, and is still counted and audited.
+    let before = que.node.store.audit_len().unwrap();
+    match que
+        .node
+        .handle_request(ProtocolId::Locate, &tampered(T0), &qhg_peer, T0 + 1)
+    {
+        Inbound::Drop(why) => assert!(
+            why.contains("keeps sending bad messages") && why.contains("bad-signature"),
+            "{why}"
+        ),
+        Inbound::Reply(_) => panic!("a peer over the limit was answered"),
+    }
+    assert_eq!(que.node.store.audit_len().unwrap(), before + 1);
+    assert_eq!(last_entry(&que.node).outcome, "refused");
+    assert_eq!(
+        que.node.metrics.refused().get("bad-signature").copied(),
+        Some(u64::from(DEFAULT_LIMIT) + 1)
+    );
+    assert_eq!(
+        que.node
+            .metrics
+            .connections_closed_for_bad_messages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // A well-formed request from the same member is still answered.
+    let good = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0 + 2)
+        .unwrap();
+    let answer = reply(
+        que.node
+            .handle_request(ProtocolId::Locate, &good.bytes, &qhg_peer, T0 + 2),
+    );
+    assert!(matches!(
+        qhg.node
+            .accept_locate_response(&good, &answer, T0 + 2)
+            .unwrap(),
+        LocateAnswer::Answered(_)
+    ));
+    // Once the window has passed, a bad message is answered again.
+    let later = T0 + DEFAULT_WINDOW_SECS + 1;
+    let (reason, _) = refused_with(&que.node, &qhg_peer, &tampered(later), later);
+    assert!(reason.starts_with("bad-signature"), "{reason}");
+}
+
+#[test]
 fn revoked_keys_are_refused_and_audited() {
     let (coordinator, _) = network();
     let both = vec![Role::Provider, Role::Consumer];

@@ -955,6 +955,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             node.metrics.equivocations.load(Ordering::Relaxed),
         ),
         (
+            "careweave_connections_closed_for_bad_messages_total",
+            "Connections closed because a member kept sending bad messages.",
+            node.metrics
+                .connections_closed_for_bad_messages
+                .load(Ordering::Relaxed),
+        ),
+        (
             "careweave_audit_failures_total",
             "Audit appends that failed (nothing was released).",
             node.metrics.audit_failures.load(Ordering::Relaxed),
