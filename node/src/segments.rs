@@ -449,12 +449,19 @@ impl Active {
         self.written + self.buffer.len() as u64
     }
 
+    /// Writes the buffer. If the write fails part-way (a full disk), the
+    /// file is cut back to its last whole record and the buffer kept, so a
+    /// later write neither duplicates nor misaligns records.
     fn write_out(&mut self) -> std::io::Result<()> {
-        if !self.buffer.is_empty() {
-            self.file.write_all(&self.buffer)?;
-            self.written += self.buffer.len() as u64;
-            self.buffer.clear();
+        if self.buffer.is_empty() {
+            return Ok(());
         }
+        if let Err(e) = self.file.write_all(&self.buffer) {
+            let _ = self.file.set_len(self.written);
+            return Err(e);
+        }
+        self.written += self.buffer.len() as u64;
+        self.buffer.clear();
         Ok(())
     }
 }
@@ -1178,6 +1185,35 @@ mod tests {
         fs::remove_file(segment_path(dir.path(), 3)).unwrap();
         let err = Segments::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("end at entry 3"), "{err}");
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_sync_and_the_entries_reach_the_file_once_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segments, _) = Segments::open(dir.path()).unwrap();
+        segments.append(&audit(0)).unwrap();
+        segments.sync().unwrap();
+        // /dev/full refuses every write with ENOSPC, as a full disk does.
+        let real = {
+            let mut active = segments.lock();
+            let full = OpenOptions::new().write(true).open("/dev/full").unwrap();
+            std::mem::replace(&mut active.file, full)
+        };
+        segments.append(&audit(1)).unwrap();
+        let err = segments.sync().unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        // Nothing of entry 1 reached the segment.
+        let path = newest(dir.path());
+        let before = fs::read(&path).unwrap();
+        assert_eq!(Records::new(&before).count(), 1);
+        // Space returns: the waiting entry is written once, whole.
+        segments.lock().file = real;
+        segments.append(&audit(2)).unwrap();
+        segments.sync().unwrap();
+        drop(segments);
+        let (segments, recovered) = Segments::open(dir.path()).unwrap();
+        assert_eq!(recovered.cut, 0);
+        assert_eq!(entries(&segments), vec![0, 1, 2]);
     }
 
     #[test]
