@@ -267,14 +267,14 @@ fn latency(mut ms: Vec<f64>) -> Latency {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
+pub(crate) fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
 /// Stops a testnet's nodes and any floor nodes when dropped, whatever happened.
-struct Cleanup {
-    testnets: Vec<PathBuf>,
-    children: Vec<Child>,
+pub(crate) struct Cleanup {
+    pub(crate) testnets: Vec<PathBuf>,
+    pub(crate) children: Vec<Child>,
 }
 
 impl Drop for Cleanup {
@@ -289,7 +289,7 @@ impl Drop for Cleanup {
     }
 }
 
-fn context(ods: &str) -> Result<RequesterContext, String> {
+pub(crate) fn context(ods: &str) -> Result<RequesterContext, String> {
     Ok(data::clinician(
         OdsCode::parse(ods).map_err(err)?,
         "6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f",
@@ -469,7 +469,12 @@ fn import_into(
 
 /// Builds a testnet with the per-peer rate limit raised: the benchmark
 /// measures capacity, not the limiter.
-fn build(dir: &Path, nodes: usize, patients: u32, say: &dyn Fn(&str)) -> Result<Testnet, String> {
+pub(crate) fn build(
+    dir: &Path,
+    nodes: usize,
+    patients: u32,
+    say: &dyn Fn(&str),
+) -> Result<Testnet, String> {
     let _ = std::fs::remove_dir_all(dir);
     let t = setup::build(
         dir,
@@ -497,7 +502,7 @@ fn build(dir: &Path, nodes: usize, patients: u32, say: &dyn Fn(&str)) -> Result<
     Ok(t)
 }
 
-async fn start(t: &Testnet, say: &dyn Fn(&str)) -> Result<(), String> {
+pub(crate) async fn start(t: &Testnet, say: &dyn Fn(&str)) -> Result<(), String> {
     setup::start_all(t).map_err(err)?;
     setup::wait_connected(t, Duration::from_secs(180))
         .await
@@ -506,7 +511,7 @@ async fn start(t: &Testnet, say: &dyn Fn(&str)) -> Result<(), String> {
     Ok(())
 }
 
-fn pid(node: &NodeInfo) -> Option<u32> {
+pub(crate) fn pid(node: &NodeInfo) -> Option<u32> {
     std::fs::read_to_string(node.dir.join("node.pid"))
         .ok()?
         .trim()
@@ -524,7 +529,7 @@ fn kill_hard(node: &NodeInfo) {
 }
 
 /// The patients a testnet's build gave each ICB (see `setup::build`).
-fn testnet_patients(t: &Testnet, per_icb: u32) -> Vec<NhsNumber> {
+pub(crate) fn testnet_patients(t: &Testnet, per_icb: u32) -> Vec<NhsNumber> {
     let total = per_icb as usize * t.nodes.len();
     (0..total)
         .map(|k| data::nhs_number(100 + 13 * k as u32))
@@ -532,7 +537,7 @@ fn testnet_patients(t: &Testnet, per_icb: u32) -> Vec<NhsNumber> {
 }
 
 /// One locate through a node's control socket: latency in ms and the reports.
-async fn locate_once(
+pub(crate) async fn locate_once(
     socket: &Path,
     nhs: NhsNumber,
     ctx: &RequesterContext,
@@ -555,7 +560,7 @@ async fn locate_once(
     }
 }
 
-fn failed(reports: &[IcbReport], dead: Option<&str>) -> usize {
+pub(crate) fn failed(reports: &[IcbReport], dead: Option<&str>) -> usize {
     reports
         .iter()
         .filter(|r| Some(r.ods.as_str()) != dead)
@@ -799,7 +804,7 @@ async fn fetch_closed_loop(
     ))
 }
 
-async fn fetch_once(
+pub(crate) async fn fetch_once(
     socket: &Path,
     nhs: NhsNumber,
     pointer: &str,

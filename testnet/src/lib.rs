@@ -9,3 +9,4 @@ pub mod data;
 pub mod floor;
 pub mod scenarios;
 pub mod setup;
+pub mod soak;

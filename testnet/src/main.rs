@@ -54,6 +54,11 @@ enum Command {
     /// real node processes, each beside its floor; writes bench.json and
     /// bench.md. Exits 4 when a full run misses a target.
     Bench(BenchArgs),
+    /// Run mixed locate, fetch and import on a five-ICB testnet for a while,
+    /// watching every node's memory, then verify every audit log. Exits 4
+    /// when a request failed, a node's RSS grew 10% or more after warm-up,
+    /// or an audit log did not verify
+    Soak(SoakArgs),
     /// Run one plain libp2p request-response node (the benchmark's floor;
     /// not for people).
     #[command(hide = true)]
@@ -67,6 +72,19 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// How long to run, in minutes (fractions allowed).
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Working directory for the testnet; a temporary directory when absent.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where soak.json is written.
+    #[arg(long, default_value = "soak-results")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +136,37 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn soak(args: SoakArgs) -> Result<ExitCode> {
+    let temporary = args.dir.is_none();
+    let dir = args.dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("careweave-soak-{}", std::process::id()))
+    });
+    let options = careweave_testnet::soak::SoakOptions {
+        minutes: args.minutes,
+        dir: dir.clone(),
+        out: args.out.clone(),
+    };
+    let started = Instant::now();
+    let report = runtime()?
+        .block_on(careweave_testnet::soak::run(&options, &|line| {
+            eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+        }))
+        .map_err(anyhow::Error::msg);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let report = report?;
+    println!("{}", careweave_testnet::soak::summary(&report, &args.out));
+    let problems = report.problems();
+    if problems.is_empty() {
+        println!("soak passed");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("soak FAILED: {}", problems.join("; "));
+        Ok(ExitCode::from(4))
     }
 }
 
@@ -254,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => demo(),
         Command::Bench(args) => bench(args),
+        Command::Soak(args) => soak(args),
         Command::FloorNode { ready } => {
             runtime()?
                 .block_on(careweave_testnet::floor::serve(&ready))
