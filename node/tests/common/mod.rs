@@ -186,3 +186,22 @@ pub fn context(purpose: Purpose) -> RequesterContext {
 }
 
 pub const BUNDLE: &str = include_str!("../data/multi-section.json");
+
+/// The i-th synthetic NHS number (999 000 0000 onwards, valid check digit).
+pub fn nhs_for(i: usize) -> String {
+    let mut n = 9_990_000_000u64 / 10 + i as u64;
+    loop {
+        let digits: Vec<u64> = n.to_string().bytes().map(|b| u64::from(b - b'0')).collect();
+        let sum: u64 = digits
+            .iter()
+            .enumerate()
+            .map(|(k, d)| d * (10 - k as u64))
+            .sum();
+        let check = 11 - sum % 11;
+        if check == 10 {
+            n += 1;
+            continue;
+        }
+        return format!("{n}{}", if check == 11 { 0 } else { check });
+    }
+}
