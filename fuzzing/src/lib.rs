@@ -1,6 +1,6 @@
 //! Fuzz targets for everything careweave parses from outside: COSE
 //! envelopes, every message payload, trust roots and lists, custodian-signed
-//! records and FHIR imports. Each target takes arbitrary bytes and must
+//! records, FHIR imports and the clinical API's request headers. Each target takes arbitrary bytes and must
 //! return without panicking, hanging or allocating beyond its limits,
 //! whatever they hold.
 //!
@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("trust", trust),
     ("record", record),
     ("import", import),
+    ("api", api),
 ];
 
 /// The fixture's clock: inside every key's and list's validity window.
@@ -244,6 +245,21 @@ pub fn import(data: &[u8]) -> bool {
         .is_ok_and(|(report, _, _)| report.rejected.is_empty() && !report.transaction_aborted)
 }
 
+/// The clinical API's request headers (`Name: value` lines) and, after the
+/// first NUL byte, a `subject:identifier` search value.
+pub fn api(data: &[u8]) -> bool {
+    let (headers, identifier) = match data.iter().position(|b| *b == 0) {
+        Some(nul) => (
+            data.get(..nul).unwrap_or_default(),
+            data.get(nul + 1..).unwrap_or_default(),
+        ),
+        None => (data, &[][..]),
+    };
+    let identifier = String::from_utf8_lossy(identifier);
+    let (context, nhs) = careweave_node::api::parse_clinical_request(headers, &identifier);
+    context && nhs
+}
+
 /// Valid inputs for each target, from which fuzzing starts.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut seeds = Vec::new();
@@ -296,6 +312,18 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         input.extend_from_slice(&cbor);
         seeds.push(("payload", input));
     }
+    seeds.push((
+        "api",
+        b"X-Request-ID: 6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f\n\
+NHSD-End-User-Organisation-ODS: QHG\n\
+NHSD-User-ID: 555021935107\n\
+NHSD-Session-URID: 555021936108\n\
+NHSD-Role-Code: R8000\n\
+NHSD-Purpose-Of-Use: ETREAT\n\
+NHSD-Break-Glass-Reason: unconscious patient in ED\n\
+\0https://fhir.nhs.uk/Id/nhs-number|9990000018"
+            .to_vec(),
+    ));
     seeds.push(("trust", f.root_bytes.clone()));
     seeds.push(("trust", f.list_bytes.clone()));
     let json = serde_json::json!({

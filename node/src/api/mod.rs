@@ -373,6 +373,30 @@ fn nhs_identifier(value: &str) -> Result<NhsNumber, Problem> {
         .map_err(|e| Problem::new(StatusCode::BAD_REQUEST, "INVALID_NHS_NUMBER", e.to_string()))
 }
 
+/// What the API makes of a request's headers and its search parameter, as
+/// `(context accepted, NHS number accepted)`: the parsing every clinical
+/// route starts with, without a server. For fuzzing; `headers` is
+/// `Name: value` lines, and lines that are not valid headers are skipped,
+/// as hyper would refuse them before any handler ran.
+#[doc(hidden)]
+pub fn parse_clinical_request(headers: &[u8], identifier: &str) -> (bool, bool) {
+    let mut map = HeaderMap::new();
+    for line in headers.split(|b| *b == b'\n').take(64) {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = line.split_at(colon);
+        let value = value.get(1..).unwrap_or_default();
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(name),
+            HeaderValue::from_bytes(value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    (context(&map).is_ok(), nhs_identifier(identifier).is_ok())
+}
+
 fn ready(state: &ApiState) -> Result<(), Problem> {
     match state.node.not_ready_reason(unix_now()) {
         None => Ok(()),
