@@ -272,6 +272,56 @@ async fn replayed_and_tampered_requests_over_a_real_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_keeps_sending_bad_messages_loses_its_connection() {
+    use careweave_node::strikes::DEFAULT_LIMIT;
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    eventually("connected", || async { connected(&qhg).await == 1 }).await;
+    let que_peer = que.node.peer_id().clone();
+    let tampered = || {
+        let mut bytes = qhg
+            .node
+            .prepare_locate(
+                &OdsCode::parse("QUE").unwrap(),
+                &locate_request(),
+                careweave_node::net::unix_now(),
+            )
+            .unwrap()
+            .bytes;
+        let n = bytes.len();
+        bytes[n - 3] ^= 1;
+        bytes
+    };
+    for i in 0..DEFAULT_LIMIT {
+        let answer = qhg
+            .handle
+            .send_raw(ProtocolId::Locate, &que_peer, tampered())
+            .await;
+        assert!(answer.is_ok(), "bad message {i} got no signed refusal");
+    }
+    // The next gets no answer: QUE closes the connection instead.
+    let closed = qhg
+        .handle
+        .send_raw(ProtocolId::Locate, &que_peer, tampered())
+        .await;
+    assert!(closed.is_err(), "a member over the limit was answered");
+    assert_eq!(
+        que.node
+            .metrics
+            .connections_closed_for_bad_messages
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        que.node.metrics.refused().get("bad-signature").copied(),
+        Some(u64::from(DEFAULT_LIMIT) + 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_is_reported_and_the_others_still_answer() {
     let mut net = Net::new(&["QHG", "QUE", "QM7"]);
     shift_to_now(&mut net);
