@@ -256,27 +256,19 @@ impl AuditLog {
 }
 
 /// Recomputes the tree from the stored entries and checks every checkpoint:
-/// its signature by `log_key`, its root against the entries, and its
-/// consistency with the next one.
+/// its signature by `log_key` and its root against the entries.
+///
+/// One pass, with only the tree's peaks in memory: each checkpoint's root is
+/// compared when the recomputed tree reaches its size. Two checkpoints whose
+/// roots both match prefixes of the same entries are consistent with each
+/// other by construction, so no consistency proofs are needed between them.
 pub fn verify(store: &Store, log_key: &PublicKey) -> Result<VerifyReport, VerifyFailure> {
     let unreadable = |index: u64, e: &dyn std::fmt::Display| VerifyFailure::Unreadable {
         index,
         message: e.to_string(),
     };
-    let mut leaves: Vec<Hash> = Vec::new();
-    for item in store.audit_entries() {
-        let (index, bytes, recorded) = item.map_err(|e| unreadable(leaves.len() as u64, &e))?;
-        if index != leaves.len() as u64 {
-            return Err(unreadable(leaves.len() as u64, &"entry is missing"));
-        }
-        if audit::leaf_hash(&bytes) != recorded {
-            return Err(VerifyFailure::EntryAltered { index });
-        }
-        leaves.push(recorded);
-    }
-    let len = leaves.len() as u64;
-    let checkpoints = store.checkpoints().map_err(|e| unreadable(len, &e))?;
-    let mut previous: Option<(u64, Hash)> = None;
+    let checkpoints = store.checkpoints().map_err(|e| unreadable(0, &e))?;
+    let mut expected: Vec<(u64, Hash)> = Vec::with_capacity(checkpoints.len());
     for (size, signed) in &checkpoints {
         let size = *size;
         let verified = audit::verify_checkpoint(signed, log_key).map_err(|e| {
@@ -291,34 +283,42 @@ pub fn verify(store: &Store, log_key: &PublicKey) -> Result<VerifyReport, Verify
                 claimed: verified.checkpoint.size,
             });
         }
-        let prefix = usize::try_from(size)
-            .ok()
-            .and_then(|n| leaves.get(..n))
-            .ok_or(VerifyFailure::Truncated { size, len })?;
-        if audit::root(prefix) != verified.checkpoint.root {
-            return Err(VerifyFailure::RootMismatch { size });
+        expected.push((size, verified.checkpoint.root));
+    }
+    let mut due = expected.iter().peekable();
+    let mut range = CompactRange::default();
+    let check_due = |range: &CompactRange,
+                     due: &mut std::iter::Peekable<std::slice::Iter<'_, (u64, Hash)>>|
+     -> Result<(), VerifyFailure> {
+        while let Some((size, root)) = due.next_if(|(size, _)| *size == range.size()) {
+            if range.root() != *root {
+                return Err(VerifyFailure::RootMismatch { size: *size });
+            }
         }
-        if let Some((old_size, old_root)) = previous {
-            let proof = audit::consistency_proof(prefix, old_size).map_err(|e| {
-                VerifyFailure::Inconsistent {
-                    old: old_size,
-                    new: size,
-                    message: e.to_string(),
-                }
-            })?;
-            audit::verify_consistency(old_size, size, &old_root, &verified.checkpoint.root, &proof)
-                .map_err(|e| VerifyFailure::Inconsistent {
-                    old: old_size,
-                    new: size,
-                    message: e.to_string(),
-                })?;
+        Ok(())
+    };
+    check_due(&range, &mut due)?;
+    for item in store.audit_entries() {
+        let (index, bytes, recorded) = item.map_err(|e| unreadable(range.size(), &e))?;
+        if index != range.size() {
+            return Err(unreadable(range.size(), &"entry is missing"));
         }
-        previous = Some((size, verified.checkpoint.root));
+        if audit::leaf_hash(&bytes) != recorded {
+            return Err(VerifyFailure::EntryAltered { index });
+        }
+        range.append(recorded);
+        check_due(&range, &mut due)?;
+    }
+    if let Some((size, _)) = due.next() {
+        return Err(VerifyFailure::Truncated {
+            size: *size,
+            len: range.size(),
+        });
     }
     Ok(VerifyReport {
-        entries: len,
+        entries: range.size(),
         checkpoints: checkpoints.len(),
-        root: hex::encode(audit::root(&leaves)),
+        root: hex::encode(range.root()),
     })
 }
 
@@ -403,4 +403,82 @@ pub fn export(store: &Store, nhs: &NhsNumber) -> Result<Export, AuditError> {
         checkpoint: exported_checkpoint,
         entries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64) -> AuditEntry {
+        AuditEntry {
+            time: 1_800_000_000 + i,
+            direction: Direction::Inbound,
+            protocol: "locate".into(),
+            peer_ods: None,
+            peer_id: String::new(),
+            context: None,
+            nhs_number: None,
+            outcome: "no-records".into(),
+            reason: None,
+            released: vec![],
+            withheld: vec![],
+            request_hash: vec![0; 32],
+            emergency: false,
+        }
+    }
+
+    fn log(dir: &std::path::Path) -> (AuditLog, KeyPair, OdsCode) {
+        let store = Store::open(dir, 1 << 20).unwrap();
+        let key = KeyPair::from_secret_bytes(&[5; 32]);
+        let ods = OdsCode::parse("QUE").unwrap();
+        let copy = KeyPair::from_secret_bytes(&[5; 32]);
+        let origin = origin("test", &ods);
+        let log = AuditLog::open(store, copy, ods.clone(), origin, 3, 3600).unwrap();
+        (log, key, ods)
+    }
+
+    fn signed(log: &AuditLog, key: &KeyPair, ods: &OdsCode, size: u64, root: Hash) -> Vec<u8> {
+        let checkpoint = Checkpoint {
+            origin: log.origin.clone(),
+            size,
+            root,
+        };
+        audit::sign_checkpoint(&checkpoint, ods, 1_800_000_100, key).unwrap()
+    }
+
+    #[test]
+    fn checkpoints_are_checked_against_the_entries_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, key, ods) = log(dir.path());
+        for i in 0..10 {
+            log.append(&entry(i)).unwrap();
+        }
+        let report = verify(&log.store, &key.public_key()).unwrap();
+        assert_eq!((report.entries, report.checkpoints), (10, 3));
+
+        // A checkpoint whose root is not the entries' root at its size.
+        log.store
+            .put_checkpoint(4, &signed(&log, &key, &ods, 4, [9; 32]))
+            .unwrap();
+        assert_eq!(
+            verify(&log.store, &key.public_key()),
+            Err(VerifyFailure::RootMismatch { size: 4 })
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_past_the_end_means_entries_were_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, key, ods) = log(dir.path());
+        for i in 0..4 {
+            log.append(&entry(i)).unwrap();
+        }
+        log.store
+            .put_checkpoint(40, &signed(&log, &key, &ods, 40, [1; 32]))
+            .unwrap();
+        assert_eq!(
+            verify(&log.store, &key.public_key()),
+            Err(VerifyFailure::Truncated { size: 40, len: 4 })
+        );
+    }
 }
