@@ -215,14 +215,20 @@ async fn locate_and_fetch_across_three_nodes() {
     assert!(records.iter().all(|r| r.label.custodian.as_str() == "QUE"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replayed_and_tampered_requests_over_a_real_connection() {
+/// QHG and QUE on a fresh list, connected to each other.
+async fn qhg_and_que_connected() -> (Running, Running) {
     let mut net = Net::new(&["QHG", "QUE"]);
     shift_to_now(&mut net);
     let list = net.list(1, None, &[]);
     let qhg = start(&net, "QHG", &list).await;
     let que = start(&net, "QUE", &list).await;
     eventually("connected", || async { connected(&qhg).await == 1 }).await;
+    (qhg, que)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_tampered_requests_over_a_real_connection() {
+    let (qhg, que) = qhg_and_que_connected().await;
     let now = careweave_node::net::unix_now();
     let request = qhg
         .node
@@ -274,12 +280,7 @@ async fn replayed_and_tampered_requests_over_a_real_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_keeps_sending_bad_messages_loses_its_connection() {
     use careweave_node::strikes::DEFAULT_LIMIT;
-    let mut net = Net::new(&["QHG", "QUE"]);
-    shift_to_now(&mut net);
-    let list = net.list(1, None, &[]);
-    let qhg = start(&net, "QHG", &list).await;
-    let que = start(&net, "QUE", &list).await;
-    eventually("connected", || async { connected(&qhg).await == 1 }).await;
+    let (qhg, que) = qhg_and_que_connected().await;
     let que_peer = que.node.peer_id().clone();
     let tampered = || {
         let mut bytes = qhg
