@@ -82,8 +82,6 @@ pub enum VerifyFailure {
         "checkpoint at size {size} is larger than the log ({len} entries): entries were removed"
     )]
     Truncated { size: u64, len: u64 },
-    #[error("checkpoints at sizes {old} and {new} are not consistent: {message}")]
-    Inconsistent { old: u64, new: u64, message: String },
     #[error("entry {index} cannot be read: {message}")]
     Unreadable { index: u64, message: String },
 }
