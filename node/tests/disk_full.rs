@@ -14,6 +14,13 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+
+use axum::Extension;
+use careweave_node::api::{self, ApiState, ClientIdentity};
+use careweave_node::daemon;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 
 use careweave_node::import::{ImportError, Importer};
 use careweave_node::node::{Inbound, Node};
@@ -103,6 +110,61 @@ fn import(node: &Node, bytes: &[u8]) -> Result<usize, ImportError> {
     .map(|(report, _, _)| report.stored + report.replaced)
 }
 
+/// POSTs a one-entry transaction Bundle to the node's clinical API, in
+/// process, and returns the status and the body as JSON.
+fn post_bundle(node: &Arc<Node>) -> (u16, serde_json::Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut net = daemon::net_config(&node.config).unwrap();
+        net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        net.mdns = false;
+        let handle = daemon::start_network(Arc::clone(node), net).unwrap();
+        let state = Arc::new(ApiState::new(
+            Arc::clone(node),
+            handle,
+            "https://127.0.0.1".into(),
+        ));
+        let app = api::router(state, 1 << 20).layer(Extension(ClientIdentity {
+            name: "clinical system".into(),
+            ods: None,
+            admin: false,
+        }));
+        let entry: serde_json::Value =
+            serde_json::from_slice(ndjson(900_000, 1).strip_suffix(b"\n").unwrap()).unwrap();
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"resource": entry, "request": {"method": "PUT", "url": "Condition/c900000"}}],
+        });
+        let mut request = axum::http::Request::post("/fhir")
+            .header("Content-Type", "application/fhir+json")
+            .header("X-Request-ID", "3b2c1d4e-5f60-4a7b-8c9d-0e1f2a3b4c5d");
+        for (name, value) in [
+            ("NHSD-End-User-Organisation-ODS", "QUE"),
+            ("NHSD-User-ID", "555021935107"),
+            ("NHSD-Session-URID", "555021936108"),
+            ("NHSD-Role-Code", "R8000"),
+        ] {
+            request = request.header(name, value);
+        }
+        let response = app
+            .oneshot(
+                request
+                    .body(axum::body::Body::from(serde_json::to_vec(&bundle).unwrap()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    })
+    // Dropping the runtime ends the network task and its hold on the node.
+}
+
 #[test]
 fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     let Some(disk) = SmallDisk::mount(24) else {
@@ -110,7 +172,7 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     };
     let (coordinator, list) = network();
     let store = Store::open(&disk.path.join("store"), 1 << 20).unwrap();
-    let que = Node::new(config("QUE"), keys("QUE"), store, T0).unwrap();
+    let que = Arc::new(Node::new(config("QUE"), keys("QUE"), store, T0).unwrap());
     que.install_root(&coordinator.root_bytes(), T0).unwrap();
     que.install_list(&list, T0).unwrap();
     let qhg = open("QHG", &coordinator, &list);
@@ -126,6 +188,16 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     };
     assert!(matches!(err, ImportError::Store(_)), "{err}");
     assert!(err.to_string().contains("No space left"), "{err}");
+
+    // The clinical API says the same with a 503 OperationOutcome.
+    let (status, outcome) = post_bundle(&que);
+    assert_eq!(status, 503, "{outcome}");
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert_eq!(outcome["issue"][0]["code"], "transient");
+    let text = outcome["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("nothing was stored"), "{outcome}");
 
     // While the disk is full, a locate releases nothing.
     let request = LocateRequest {
@@ -154,6 +226,7 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     // Space returns. sled keeps its first I/O error until the store is
     // opened again, so the node is restarted (docs/operator-guide.md).
     disk.resize(64);
+    let que = Arc::into_inner(que).expect("nothing else holds the node");
     drop(que);
     let store = Store::open(&disk.path.join("store"), 1 << 20).unwrap();
     let held = store.check_consistency().unwrap();
