@@ -40,6 +40,8 @@ pub struct Metrics {
     pub frames_too_large: std::sync::Arc<AtomicU64>,
     /// Connections closed because a peer kept sending bad messages.
     pub connections_closed_for_bad_messages: AtomicU64,
+    /// Connections closed because a peer kept sending past its busy answers.
+    pub connections_closed_for_flooding: AtomicU64,
 }
 
 impl Metrics {
@@ -1066,6 +1068,54 @@ impl Node {
             },
             now,
         )
+    }
+
+    /// Closes the connection of a member that keeps sending after being told
+    /// it is busy: counted, audited once per closing, and not answered (a
+    /// signed answer to each would let the flood spend our CPU and disk).
+    pub fn refuse_flooding(
+        &self,
+        protocol: ProtocolId,
+        bytes: &[u8],
+        remote: &PeerIdBytes,
+        busy_answers: u32,
+        window_secs: u64,
+        now: u64,
+    ) -> Inbound {
+        let request_hash = envelope::message_hash(bytes);
+        let peer = self
+            .current_list(now)
+            .and_then(|list| list.member_by_peer(remote).cloned());
+        self.metrics.refuse("flooding");
+        self.metrics
+            .connections_closed_for_flooding
+            .fetch_add(1, Ordering::Relaxed);
+        let detail = format!(
+            "kept sending after {busy_answers} busy answers in {window_secs} s; connection closed"
+        );
+        if self
+            .audit_refusal(
+                protocol,
+                peer.as_ref(),
+                remote,
+                None,
+                request_hash,
+                "flooding",
+                &detail,
+                now,
+            )
+            .is_err()
+        {
+            return Inbound::Drop("audit unavailable".to_owned());
+        }
+        let who = peer.map_or_else(|| remote.to_base58(), |m| m.ods.to_string());
+        Inbound::Drop(format!("{who} is flooding: {detail}"))
+    }
+
+    /// Counts a request dropped unread from a connection already being closed
+    /// for flooding.
+    pub fn record_shed(&self) {
+        self.metrics.refuse("flooding");
     }
 
     /// Counts and audits a request the transport refused before it could be

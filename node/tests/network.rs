@@ -630,7 +630,7 @@ async fn an_oversized_frame_is_refused_without_memory_growing_by_its_claim() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_over_its_rate_gets_a_signed_busy_answer() {
+async fn a_peer_over_its_rate_gets_busy_answers_and_is_shut_out_if_it_ignores_them() {
     let mut net = Net::new(&["QHG", "QUE"]);
     shift_to_now(&mut net);
     let list = net.list(1, None, &[]);
@@ -678,6 +678,50 @@ async fn a_peer_over_its_rate_gets_a_signed_busy_answer() {
     }
     assert!(busy >= 1, "no busy answer past the burst");
     assert!(que_node.metrics.refused().get("busy").copied().unwrap_or(0) >= 1);
+
+    // Ignoring the busy answers is flooding: past the limit the connection
+    // is closed, once, audited, and reconnecting is refused for a while.
+    let mut failed = 0;
+    for _ in 0..careweave_node::net::MIN_FLOOD_LIMIT + 10 {
+        let request = qhg
+            .node
+            .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), now)
+            .unwrap();
+        if qhg
+            .handle
+            .send_raw(ProtocolId::Locate, que_node.peer_id(), request.bytes)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert!(failed >= 1, "the flooding peer was never cut off");
+    assert_eq!(
+        que_node
+            .metrics
+            .connections_closed_for_flooding
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "closed once, then shut out for the cool-down"
+    );
+    let audited = que_node
+        .store
+        .audit_entries()
+        .map(|item| {
+            let (_, bytes, _) = item.unwrap();
+            let entry: careweave_node::audit::AuditEntry =
+                careweave_protocol::cbor::decode(&bytes, careweave_protocol::cbor::Limits::MESSAGE)
+                    .unwrap();
+            entry
+        })
+        .filter(|e| {
+            e.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("flooding"))
+        })
+        .count();
+    assert_eq!(audited, 1, "the closing is audited once");
     drop(handle);
 }
 

@@ -986,6 +986,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
                 .load(Ordering::Relaxed),
         ),
         (
+            "careweave_connections_closed_for_flooding_total",
+            "Connections closed because a member kept sending after busy answers.",
+            node.metrics
+                .connections_closed_for_flooding
+                .load(Ordering::Relaxed),
+        ),
+        (
             "careweave_audit_failures_total",
             "Audit appends that failed (nothing was released).",
             node.metrics.audit_failures.load(Ordering::Relaxed),

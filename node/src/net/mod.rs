@@ -25,6 +25,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::node::{FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest};
+use crate::strikes::{self, Strikes};
 use codec::FrameCodec;
 
 /// The gossipsub topic new trust lists are pushed on.
@@ -415,6 +416,23 @@ fn providers(list: &AcceptedList, now: u64) -> Vec<(OdsCode, String, Option<Peer
         .collect()
 }
 
+/// The window in which busy answers to one peer are counted.
+const FLOOD_WINDOW_SECS: u64 = 60;
+/// How long a flooding peer is refused reconnection. Back inside the window,
+/// its next busy request closes it again.
+const FLOOD_COOL_DOWN: Duration = Duration::from_secs(10);
+
+/// Busy answers one peer may get within the window before its connection is
+/// closed: its burst allowance, and never fewer than [`MIN_FLOOD_LIMIT`], so
+/// a peer that backs off when told it is busy never reaches it.
+fn flood_limit(burst: f64) -> u32 {
+    // A float-to-int `as` saturates; the burst is validated positive.
+    (burst.max(1.0) as u32).max(MIN_FLOOD_LIMIT)
+}
+
+/// The fewest busy answers in a window that count as flooding.
+pub const MIN_FLOOD_LIMIT: u32 = 50;
+
 /// A token bucket: `rate` tokens a second up to `burst`.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -461,6 +479,12 @@ pub struct EventLoop {
     inflight_total: usize,
     inflight: HashMap<PeerId, usize>,
     buckets: HashMap<PeerId, Bucket>,
+    /// Busy answers per peer; past the limit the peer is flooding.
+    flooding: Strikes,
+    /// Flooding peers shut out, and since when. Requests already on their
+    /// way are dropped without an audit entry each; reconnection is refused
+    /// until the cool-down ends.
+    closed_for_flooding: HashMap<PeerId, Instant>,
     topic: gossipsub::IdentTopic,
 }
 
@@ -472,6 +496,7 @@ impl std::fmt::Debug for EventLoop {
 
 /// Builds the swarm and returns its handle and the loop to spawn.
 pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, EventLoop), NetError> {
+    let burst = config.burst;
     let secret = node.keys.transport.secret_bytes();
     let mut secret_copy = secret;
     let keypair = identity::Keypair::ed25519_from_bytes(&mut secret_copy)
@@ -573,6 +598,12 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         inflight_total: 0,
         inflight: HashMap::new(),
         buckets: HashMap::new(),
+        flooding: Strikes::new(
+            flood_limit(burst),
+            FLOOD_WINDOW_SECS,
+            strikes::DEFAULT_MAX_PEERS,
+        ),
+        closed_for_flooding: HashMap::new(),
         topic: gossipsub::IdentTopic::new(TRUST_TOPIC),
     };
     Ok((handle, event_loop))
@@ -608,6 +639,19 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        let cooled: Vec<PeerId> = self
+            .closed_for_flooding
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= FLOOD_COOL_DOWN)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in cooled {
+            self.closed_for_flooding.remove(&peer);
+            // Only members still on the list come back.
+            if self.allowed.contains(&peer) {
+                self.swarm.behaviour_mut().allow.allow_peer(peer);
+            }
+        }
         let due: Vec<PeerId> = self
             .redial
             .iter()
@@ -825,13 +869,36 @@ impl EventLoop {
         let over_total = self.inflight_total >= self.config.max_inflight_total;
         let has_token = self.take_token(peer);
         let busy = over_peer || over_total || !has_token;
+        let now_secs = unix_now();
+        let flooding = busy && self.flooding.record(&peer.to_bytes(), now_secs);
+        if flooding {
+            if self.closed_for_flooding.contains_key(&peer) {
+                // Already on its way out: counted, not answered, not audited.
+                self.node.record_shed();
+                return;
+            }
+            // Shut it out for the cool-down; it is let back in by on_tick.
+            self.swarm.behaviour_mut().allow.disallow_peer(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+            self.closed_for_flooding.insert(peer, Instant::now());
+        }
         self.inflight_total += 1;
         *self.inflight.entry(peer).or_default() += 1;
         let node = Arc::clone(&self.node);
         let tx = self.finished_tx.clone();
+        let burst = self.config.burst;
         tokio::task::spawn_blocking(move || {
             let now = unix_now();
-            let inbound = if busy {
+            let inbound = if flooding {
+                node.refuse_flooding(
+                    protocol,
+                    &request,
+                    &remote,
+                    flood_limit(burst),
+                    FLOOD_WINDOW_SECS,
+                    now,
+                )
+            } else if busy {
                 node.refuse_busy(protocol, &request, &remote, 1000, now)
             } else {
                 node.handle_request(protocol, &request, &remote, now)
