@@ -40,7 +40,7 @@ enum Command {
     /// Break a running testnet on purpose and check it copes (bringing one
     /// up first if `--dir` holds none).
     Scenario {
-        #[arg(value_parser = ["node-down", "revoke", "stale-trust", "replay", "rogue-peer"])]
+        #[arg(value_parser = ["node-down", "revoke", "stale-trust", "replay", "rogue-peer", "flood"])]
         name: String,
         #[arg(long)]
         dir: PathBuf,
@@ -331,6 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "revoke" => careweave_testnet::scenarios::revoke(&t).await,
                     "replay" => careweave_testnet::scenarios::replay(&t).await,
                     "rogue-peer" => careweave_testnet::scenarios::rogue_peer(&t).await,
+                    "flood" => careweave_testnet::scenarios::flood(&t).await,
                     _ => careweave_testnet::scenarios::stale_trust(&t).await,
                 }
             });

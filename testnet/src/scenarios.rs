@@ -409,6 +409,73 @@ mod raw {
         }
         Ok(out)
     }
+
+    /// Dials `addr` as `key` and keeps `window` locates in flight, each made
+    /// by `next`, until `stop` is set; then hands every answer to `seen`.
+    pub(super) async fn flood(
+        key: identity::Keypair,
+        target: PeerId,
+        addr: Multiaddr,
+        window: usize,
+        mut next: impl FnMut() -> Result<Vec<u8>, String>,
+        stop: tokio::sync::watch::Receiver<bool>,
+        mut seen: impl FnMut(Result<Vec<u8>, String>),
+    ) -> Result<(), String> {
+        let codec = FrameCodec {
+            max_request: 4 << 20,
+            max_response: 4 << 20,
+            ..FrameCodec::default()
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::tls::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .map_err(|e| e.to_string())?
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    codec,
+                    [(
+                        StreamProtocol::new("/careweave/locate/1"),
+                        request_response::ProtocolSupport::Outbound,
+                    )],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10))
+                        .with_max_concurrent_streams(window),
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .build();
+        swarm.add_peer_address(target, addr);
+        let mut in_flight = 0;
+        loop {
+            while in_flight < window && !*stop.borrow() {
+                swarm.behaviour_mut().send_request(&target, next()?);
+                in_flight += 1;
+            }
+            if in_flight == 0 {
+                return Ok(());
+            }
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => {
+                    in_flight -= 1;
+                    seen(Ok(response));
+                }
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => {
+                    in_flight -= 1;
+                    seen(Err(error.to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 fn p2p_target(
@@ -453,81 +520,120 @@ pub async fn rogue_peer(t: &Testnet) -> Outcome {
     }
 }
 
+/// One signer of locate requests: a member's own keys, aimed at one node.
+struct LocateSigner {
+    keys: careweave_node::keys::NodeKeys,
+    sender: careweave_protocol::OdsCode,
+    receiver: careweave_protocol::OdsCode,
+    receiver_peer: careweave_protocol::keys::PeerIdBytes,
+    trust_seq: u64,
+    patient: careweave_protocol::NhsNumber,
+}
+
+impl LocateSigner {
+    fn new(
+        t: &Testnet,
+        asker: &crate::setup::NodeInfo,
+        target: &crate::setup::NodeInfo,
+    ) -> Result<Self, String> {
+        let load = |node: &crate::setup::NodeInfo| {
+            careweave_node::keys::NodeKeys::load(&node.dir.join("keys")).map_err(|e| e.to_string())
+        };
+        let current = std::fs::read(t.dir.join("coord/list.cose")).map_err(|e| e.to_string())?;
+        let (_, list) = ListDocument::decode(&current).map_err(|e| e.to_string())?;
+        let ods = |code: &str| careweave_protocol::OdsCode::parse(code).map_err(|e| e.to_string());
+        Ok(Self {
+            keys: load(asker)?,
+            sender: ods(&asker.ods)?,
+            receiver: ods(&target.ods)?,
+            receiver_peer: load(target)?.peer_id(),
+            trust_seq: list.seq,
+            patient: t.demo.shared,
+        })
+    }
+
+    /// A locate sealed now with `cti`.
+    fn sign(&self, cti: [u8; 16]) -> Result<Vec<u8>, String> {
+        use careweave_protocol::envelope::{self, ProtocolId, Seal};
+        let request = careweave_protocol::message::LocateRequest {
+            nhs_number: self.patient,
+            context: crate::data::clinician(self.sender.clone(), RID),
+            sections: None,
+        };
+        envelope::seal(
+            &request,
+            &Seal {
+                key: &self.keys.message,
+                protocol: ProtocolId::Locate,
+                sender_ods: &self.sender,
+                receiver_ods: &self.receiver,
+                sender_peer: &self.keys.peer_id(),
+                receiver_peer: &self.receiver_peer,
+                trust_seq: self.trust_seq,
+                now: careweave_node::net::unix_now(),
+                lifetime_secs: 60,
+                cti,
+                request_hash: None,
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// The libp2p identity of the signing member's node.
+    fn identity(&self) -> Result<libp2p::identity::Keypair, String> {
+        let mut secret = self.keys.transport.secret_bytes();
+        libp2p::identity::Keypair::ed25519_from_bytes(&mut secret).map_err(|e| e.to_string())
+    }
+}
+
+/// What a node answered to a request: "answered", "refused: <why>",
+/// "busy" or "failure: <why>".
+fn answer_kind(answer: &Result<Vec<u8>, String>) -> String {
+    use careweave_protocol::message::{ErrorCode, ErrorMessage};
+    let bytes = match answer {
+        Err(e) => return format!("failure: {e}"),
+        Ok(bytes) => bytes,
+    };
+    let signed = match careweave_protocol::cose::Sign1::decode(bytes, 4 << 20) {
+        Ok(signed) => signed,
+        Err(e) => return format!("failure: {e}"),
+    };
+    if !signed.header.content_type.contains("error") {
+        return "answered".to_owned();
+    }
+    match careweave_protocol::cbor::decode::<ErrorMessage>(
+        &signed.payload,
+        careweave_protocol::cbor::Limits::MESSAGE,
+    ) {
+        Ok(error) if error.code == ErrorCode::Busy => "busy".to_owned(),
+        Ok(error) => format!("refused: {}", error.message),
+        Err(e) => format!("failure: {e}"),
+    }
+}
+
 /// A captured request sent again is refused as a replay.
 pub async fn replay(t: &Testnet) -> Outcome {
-    use careweave_protocol::envelope::{self, ProtocolId, Seal};
-    use careweave_protocol::message::LocateRequest;
     let t = &listed(t)?;
     let (asker, target_node) = (
         t.nodes.first().ok_or("no nodes")?,
         t.nodes.get(1).ok_or("replay needs two nodes")?,
     );
-    let keys =
-        careweave_node::keys::NodeKeys::load(&asker.dir.join("keys")).map_err(|e| e.to_string())?;
-    let target_keys = careweave_node::keys::NodeKeys::load(&target_node.dir.join("keys"))
-        .map_err(|e| e.to_string())?;
-    let current = std::fs::read(t.dir.join("coord/list.cose")).map_err(|e| e.to_string())?;
-    let (_, list) = ListDocument::decode(&current).map_err(|e| e.to_string())?;
-    let ods = |code: &str| careweave_protocol::OdsCode::parse(code).map_err(|e| e.to_string());
-    let request = LocateRequest {
-        nhs_number: t.demo.shared,
-        context: crate::data::clinician(ods(&asker.ods)?, RID),
-        sections: None,
-    };
+    let signer = LocateSigner::new(t, asker, target_node)?;
     let mut cti = [0u8; 16];
     cti.copy_from_slice(
         &sha256(format!("replay-{}", careweave_node::net::unix_now()).as_bytes())[..16],
     );
-    let bytes = envelope::seal(
-        &request,
-        &Seal {
-            key: &keys.message,
-            protocol: ProtocolId::Locate,
-            sender_ods: &ods(&asker.ods)?,
-            receiver_ods: &ods(&target_node.ods)?,
-            sender_peer: &keys.peer_id(),
-            receiver_peer: &target_keys.peer_id(),
-            trust_seq: list.seq,
-            now: careweave_node::net::unix_now(),
-            lifetime_secs: 60,
-            cti,
-            request_hash: None,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let mut secret = keys.transport.secret_bytes();
-    let identity =
-        libp2p::identity::Keypair::ed25519_from_bytes(&mut secret).map_err(|e| e.to_string())?;
+    let bytes = signer.sign(cti)?;
     let (target, addr) = p2p_target(target_node)?;
     let mut said = vec![format!(
         "{} signs one locate for {} and it is sent twice",
         asker.ods, target_node.ods
     )];
-    let answers = raw::requests(identity, target, addr, vec![bytes.clone(), bytes]).await?;
-    let kind = |answer: &Result<Vec<u8>, String>| -> String {
-        match answer {
-            Err(e) => format!("failure: {e}"),
-            Ok(bytes) => careweave_protocol::cose::Sign1::decode(bytes, 4 << 20)
-                .map(|s| {
-                    if s.header.content_type.contains("error") {
-                        let message = careweave_protocol::cbor::decode::<
-                            careweave_protocol::message::ErrorMessage,
-                        >(
-                            &s.payload, careweave_protocol::cbor::Limits::MESSAGE
-                        )
-                        .map(|e| e.message)
-                        .unwrap_or_else(|e| e.to_string());
-                        format!("refused: {message}")
-                    } else {
-                        "answered".to_owned()
-                    }
-                })
-                .unwrap_or_else(|e| e.to_string()),
-        }
-    };
+    let answers =
+        raw::requests(signer.identity()?, target, addr, vec![bytes.clone(), bytes]).await?;
     let (first, second) = (
-        answers.first().map(kind).unwrap_or_default(),
-        answers.get(1).map(kind).unwrap_or_default(),
+        answers.first().map(answer_kind).unwrap_or_default(),
+        answers.get(1).map(answer_kind).unwrap_or_default(),
     );
     said.push(format!("first: {first}"));
     said.push(format!("second: {second}"));
@@ -539,4 +645,235 @@ pub async fn replay(t: &Testnet) -> Outcome {
             said.join("\n")
         ))
     }
+}
+
+/// Locate latencies in milliseconds, sorted, of searches at the first node's
+/// API: at least `count`, and for at least `at_least`. A failed search, or
+/// one without `custodian`'s records, is an error.
+async fn timed_searches(
+    t: &Testnet,
+    c: &ApiClient,
+    count: usize,
+    at_least: Duration,
+    custodian: &str,
+) -> Result<Vec<f64>, String> {
+    let mut times = Vec::with_capacity(count);
+    let started = Instant::now();
+    while times.len() < count || started.elapsed() < at_least {
+        let asked = Instant::now();
+        let found = search(t, c).await?;
+        times.push(asked.elapsed().as_secs_f64() * 1000.0);
+        if !custodians(&found).iter().any(|ods| ods == custodian) {
+            return Err(format!(
+                "search {} did not include {custodian}'s records",
+                times.len()
+            ));
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
+}
+
+/// The nearest-rank `p` percentile of sorted values.
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted
+        .get(rank.saturating_sub(1).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn rss_mib(node: &crate::setup::NodeInfo) -> f64 {
+    crate::bench::pid(node)
+        .and_then(crate::bench::rss_bytes)
+        .map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0))
+}
+
+/// CPU seconds a node's process has used, from /proc.
+fn cpu_secs(node: &crate::setup::NodeInfo) -> f64 {
+    let Some(stat) = crate::bench::pid(node)
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+    else {
+        return f64::NAN;
+    };
+    // Fields after the command name, which may hold spaces: utime and stime
+    // are the 12th and 13th, in clock ticks (100 a second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+/// The share of one core a node used since `start`.
+fn cpu_share(node: &crate::setup::NodeInfo, start: (f64, Instant)) -> f64 {
+    (cpu_secs(node) - start.0) / start.1.elapsed().as_secs_f64()
+}
+
+/// Searches made before and during the flood, each, at least.
+const FLOOD_SAMPLES: usize = 100;
+/// Each phase lasts at least this long. The flood outlasts the victim's
+/// ten-second cool-down, so the flooder gets back in once and is shut out
+/// again.
+const FLOOD_MEASURED_FOR: Duration = Duration::from_secs(15);
+/// Requests the flooding member keeps in flight: twice the per-peer limit.
+const FLOOD_WINDOW: usize = 64;
+
+/// An authorised member floods another with signed locates. The flooder gets
+/// busy answers, then its connection is closed and it is shut out for a
+/// cool-down; a third ICB's searches, which ask the flooded node too, keep
+/// working. Reports their p99 before and during the flood (the target is at
+/// most 2x) and the flooded node's RSS before, during and after. Timings and
+/// memory are reported, not judged: timing belongs to benchmarks.
+pub async fn flood(t: &Testnet) -> Outcome {
+    let t = &listed(t)?;
+    let [asker, victim, flooder, ..] = t.nodes.as_slice() else {
+        return Err("flood needs three nodes".to_owned());
+    };
+    let c = client(t)?;
+    let signer = LocateSigner::new(t, flooder, victim)?;
+    let (target, addr) = p2p_target(victim)?;
+    let mut said = vec![format!(
+        "{} keeps {FLOOD_WINDOW} signed locates in flight at {} while {} searches through its API",
+        flooder.ods, victim.ods, asker.ods
+    )];
+
+    let rss_before = rss_mib(victim);
+    let cpu_start = (cpu_secs(victim), Instant::now());
+    let before = timed_searches(t, &c, FLOOD_SAMPLES, FLOOD_MEASURED_FOR, &victim.ods).await?;
+    let cpu_before = cpu_share(victim, cpu_start);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u64,
+    >::new()));
+    let tally = std::sync::Arc::clone(&counts);
+    let identity = signer.identity()?;
+    let mut serial = 0u64;
+    let started = careweave_node::net::unix_now();
+    let flooding = tokio::spawn(raw::flood(
+        identity,
+        target,
+        addr,
+        FLOOD_WINDOW,
+        move || {
+            serial += 1;
+            let mut cti = [0u8; 16];
+            cti.copy_from_slice(&sha256(format!("flood-{started}-{serial}").as_bytes())[..16]);
+            signer.sign(cti)
+        },
+        stop_rx,
+        move |answer| {
+            let mut kind = answer_kind(&answer);
+            if kind.starts_with("failure") {
+                kind = "failure".to_owned();
+            }
+            if let Ok(mut counts) = tally.lock() {
+                *counts.entry(kind).or_default() += 1;
+            }
+        },
+    ));
+    // Measure from the start: the busy answers, the shutting out, and a
+    // return after the cool-down all fall inside.
+    let cpu_start = (cpu_secs(victim), Instant::now());
+    let rss_peak = std::sync::Arc::new(std::sync::Mutex::new(rss_mib(victim)));
+    let during = {
+        let peak = std::sync::Arc::clone(&rss_peak);
+        let victim_node = victim.clone();
+        let watcher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if let Ok(mut peak) = peak.lock() {
+                    *peak = peak.max(rss_mib(&victim_node));
+                }
+            }
+        });
+        let during = timed_searches(t, &c, FLOOD_SAMPLES, FLOOD_MEASURED_FOR, &victim.ods).await;
+        watcher.abort();
+        during
+    };
+    let cpu_during = cpu_share(victim, cpu_start);
+    let _ = stop_tx.send(true);
+    let flood_result = tokio::time::timeout(Duration::from_secs(30), flooding).await;
+    let during = during?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_mib(victim);
+    let rss_peak = rss_peak.lock().map_or(f64::NAN, |p| *p);
+
+    let counts = counts.lock().map(|c| c.clone()).unwrap_or_default();
+    said.push(format!(
+        "the flooder's answers: {}",
+        counts
+            .iter()
+            .map(|(kind, n)| format!("{n} {kind}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let (p50_before, p99_before) = (nearest_rank(&before, 50.0), nearest_rank(&before, 99.0));
+    let (p50_during, p99_during) = (nearest_rank(&during, 50.0), nearest_rank(&during, 99.0));
+    let ratio = p99_during / p99_before;
+    said.push(format!(
+        "{}'s searches ({} before, {} during): p50 {p50_before:.1} ms / p99 {p99_before:.1} ms before, \
+         p50 {p50_during:.1} ms / p99 {p99_during:.1} ms during; p99 ratio {ratio:.2} (target at most 2): {}",
+        asker.ods,
+        before.len(),
+        during.len(),
+        if ratio <= 2.0 { "met" } else { "missed" }
+    ));
+    said.push(format!(
+        "{}'s RSS: {rss_before:.1} MiB before, {rss_peak:.1} MiB at most during, {rss_after:.1} MiB after",
+        victim.ods
+    ));
+    let busy = counts.get("busy").copied().unwrap_or(0);
+    let metrics = c
+        .call(victim.api_port, "GET", "/metrics", &[], vec![])
+        .await?;
+    let metric = |name: &str| -> u64 {
+        String::from_utf8_lossy(&metrics.body)
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let closed = metric("careweave_connections_closed_for_flooding_total");
+    let shed = metric("careweave_requests_refused_total{reason=\"flooding\"}");
+    said.push(format!(
+        "{}'s CPU: {:.0}% of one core before, {:.0}% during (the flooder runs on the same two cores)",
+        victim.ods,
+        cpu_before * 100.0,
+        cpu_during * 100.0
+    ));
+    said.push(if closed > 0 {
+        format!(
+            "{} shut the flooder out {closed} time(s) and dropped {shed} of its requests unanswered",
+            victim.ods
+        )
+    } else {
+        format!("{} never shut the flooder out", victim.ods)
+    });
+    match flood_result {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => return Err(format!("{}\nthe flood failed: {e}", said.join("\n"))),
+        Ok(Err(e)) => return Err(format!("{}\nthe flood task failed: {e}", said.join("\n"))),
+        Err(_) => {
+            return Err(format!(
+                "{}\nthe flood's answers did not all arrive within 30 s",
+                said.join("\n")
+            ));
+        }
+    }
+    if busy == 0 && closed == 0 {
+        return Err(format!(
+            "{}\nthe flooder was neither told the node is busy nor shut out",
+            said.join("\n")
+        ));
+    }
+    said.push(format!(
+        "every search during the flood had {}'s records",
+        victim.ods
+    ));
+    Ok(said)
 }

@@ -196,6 +196,7 @@ fn scenarios_break_the_testnet_and_see_it_cope() {
         ("replay", "replay of one already received"),
         ("rogue-peer", "refused"),
         ("stale-trust", "failing closed"),
+        ("flood", "shut the flooder out"),
         ("revoke", "every other node dropped"),
     ] {
         let out = Command::new(BIN)
