@@ -142,7 +142,9 @@ impl Fixture {
         let accepted_list = trust::accept_list(&accepted_root, None, &list_bytes, NOW).ok()?;
         let dir = tempfile::tempdir().ok()?;
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config::template(&receiver, "NHS QUE ICB")).ok()?;
+        let text = config::template(&receiver, "NHS QUE ICB")
+            .replace("\nscope = \"none\"", "\nscope = \"national\"");
+        std::fs::write(&config_path, text).ok()?;
         let config = config::load(&config_path, []).ok()?.config;
         let store = Store::open(&dir.path().join("store"), 4 << 20).ok()?;
         Some(Self {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use careweave_protocol::audit::{self, Checkpoint, CompactRange, Hash};
 use careweave_protocol::cbor::{self, Limits};
-use careweave_protocol::message::{RequesterContext, WithheldReason};
+use careweave_protocol::message::{RequesterContext, Section, WithheldReason};
 use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PublicKey};
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +38,7 @@ pub struct AuditEntry {
     /// Who asked and why, when the request could be read.
     pub context: Option<RequesterContext>,
     pub nhs_number: Option<NhsNumber>,
-    /// `answered`, `no-records`, `withheld`, `refused`, `sent`, `failed`.
+    /// `answered`, `no-records`, `not-shared`, `withheld`, `refused`, `sent`, `failed`.
     pub outcome: String,
     /// Why it was refused or failed.
     pub reason: Option<String>,
@@ -50,6 +50,10 @@ pub struct AuditEntry {
     pub request_hash: Vec<u8>,
     /// Emergency access was used.
     pub emergency: bool,
+    /// Sections the sharing agreement kept from the requester (absent in
+    /// entries written before agreements existed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_shared: Vec<Section>,
 }
 
 /// Audit failures. When an append fails, nothing may be released.
@@ -422,6 +426,7 @@ mod tests {
             withheld: vec![],
             request_hash: vec![0; 32],
             emergency: false,
+            not_shared: vec![],
         }
     }
 

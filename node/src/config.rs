@@ -42,6 +42,55 @@ pub struct NodeConfig {
     pub log: LogSection,
     #[serde(default)]
     pub api: ApiSection,
+    #[serde(default)]
+    pub sharing: SharingSection,
+}
+
+/// The sharing agreement: who receives this ICB's records (see
+/// [`crate::sharing`]). Missing, it shares with no one outside this ICB.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SharingSection {
+    /// Who receives every section not named in `sections`.
+    pub scope: ScopeKind,
+    /// The ICBs (ODS codes) when `scope = "icbs"`.
+    pub icbs: Vec<OdsCode>,
+    /// Whether an answer outside the agreement says records exist.
+    pub disclose_existence: bool,
+    /// Per-section exceptions, keyed by section name (`care-plans`).
+    pub sections: BTreeMap<String, SectionSharing>,
+}
+
+/// One section's exception to the default scope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SectionSharing {
+    pub scope: ScopeKind,
+    #[serde(default)]
+    pub icbs: Vec<OdsCode>,
+}
+
+/// `national`, `icbs` or `none`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    /// Every active member of the trust list.
+    National,
+    /// Only the ICBs named in `icbs`.
+    Icbs,
+    /// No one outside this ICB.
+    #[default]
+    None,
+}
+
+impl ScopeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::National => "national",
+            ScopeKind::Icbs => "icbs",
+            ScopeKind::None => "none",
+        }
+    }
 }
 
 /// The clinical HTTPS API (mutual TLS).
@@ -353,6 +402,7 @@ pub fn load(
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("network.listen")
+                .with_list_parse_key("sharing.icbs")
                 .source(Some(env)),
         )
         .build()
@@ -424,6 +474,7 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
             "api.max_body_bytes must be at least 1024 and api.max_concurrent at least 1".into(),
         );
     }
+    crate::sharing::Agreement::from_config(&config.sharing).map_err(|e| e.to_string())?;
     for category in config.policy.sensitive_codes.keys() {
         if !SENSITIVE_CATEGORIES.contains(&category.as_str()) {
             return Err(format!(
@@ -522,6 +573,28 @@ max_concurrent = 128
 # patient flag). Without it the command line uses the local control socket.
 # cli_cert = "api/cli-cert.pem"
 # cli_key = "api/cli-key.pem"
+
+[sharing]
+# Who receives this ICB's records. The custodian applies it to every locate
+# and fetch from another ICB, beside the policy above.
+#   "national"  every active member of the trust list
+#   "icbs"      only the ICBs named in icbs (ODS codes), e.g. your neighbours
+#   "none"      no one outside this ICB
+# A new node shares with no one until its sharing agreements are in place.
+# Changes to this section take effect within seconds, without a restart.
+scope = "none"
+icbs = []
+# Whether an answer to an ICB outside the agreement says that records exist
+# in the sections it may not see. Off: the answer is the same whether or not
+# the patient has records there.
+disclose_existence = false
+# Per-section exceptions (allergies, medications, problems, procedures,
+# investigations, vaccinations, alerts, care-plans, documents, encounters):
+# [sharing.sections.medications]
+# scope = "national"
+# [sharing.sections.care-plans]
+# scope = "icbs"
+# icbs = ["QUE", "QM7"]
 
 [log]
 # "human" or "json".

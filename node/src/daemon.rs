@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use careweave_protocol::NhsNumber;
-use careweave_protocol::message::{FetchRequest, LocateRequest, RequesterContext, WithheldReason};
+use careweave_protocol::message::{
+    FetchRequest, LocateRequest, RequesterContext, Section, WithheldReason,
+};
+use careweave_protocol::{NhsNumber, OdsCode};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -73,6 +75,12 @@ pub struct IcbReport {
     pub outcome: String,
     pub pointers: Vec<careweave_protocol::message::Pointer>,
     pub withheld: Vec<WithheldReason>,
+    /// Sections its sharing agreement does not share with this ICB.
+    #[serde(default)]
+    pub not_shared: Vec<Section>,
+    /// Its shared care records team, from the trust list.
+    #[serde(default)]
+    pub contact: Option<String>,
     pub detail: Option<String>,
 }
 
@@ -86,6 +94,12 @@ pub enum ControlResponse {
     Fetched {
         custodian: String,
         withheld: Vec<WithheldReason>,
+        /// Sections the custodian's agreement does not share with this ICB.
+        #[serde(default)]
+        not_shared: Vec<Section>,
+        /// The custodian's shared care records team, from the trust list.
+        #[serde(default)]
+        contact: Option<String>,
         /// Each record's FHIR JSON, custodian signature checked.
         records: Vec<serde_json::Value>,
     },
@@ -96,14 +110,23 @@ pub enum ControlResponse {
         connected: usize,
         ready: bool,
         not_ready_reason: Option<String>,
+        /// The sharing agreement in force, one line per scope.
+        #[serde(default)]
+        sharing: Vec<String>,
+        /// When it took effect (Unix seconds).
+        #[serde(default)]
+        sharing_since: u64,
     },
     Error {
         message: String,
     },
 }
 
-/// Turns locate results into reports.
-pub fn reports(results: Vec<net::IcbResult>) -> Vec<IcbReport> {
+/// Turns locate results into reports; `contact` finds an ICB's contact.
+pub fn reports(
+    results: Vec<net::IcbResult>,
+    contact: impl Fn(&OdsCode) -> Option<String>,
+) -> Vec<IcbReport> {
     results
         .into_iter()
         .map(|r| {
@@ -112,17 +135,20 @@ pub fn reports(results: Vec<net::IcbResult>) -> Vec<IcbReport> {
                     ("pointers", pointers, withheld, None)
                 }
                 IcbOutcome::NoRecords => ("no-records", vec![], vec![], None),
+                IcbOutcome::NotShared => ("not-shared", vec![], vec![], None),
                 IcbOutcome::Withheld(w) => ("withheld", vec![], w, None),
                 IcbOutcome::TimedOut => ("timed-out", vec![], vec![], None),
                 IcbOutcome::Unreachable(d) => ("unreachable", vec![], vec![], Some(d)),
                 IcbOutcome::Refused(d) => ("refused", vec![], vec![], Some(d)),
             };
             IcbReport {
+                contact: contact(&r.ods),
                 ods: r.ods.to_string(),
                 name: r.name,
                 outcome: outcome.to_owned(),
                 pointers,
                 withheld,
+                not_shared: r.not_shared,
                 detail,
             }
         })
@@ -141,9 +167,14 @@ async fn answer(handle: &NetworkHandle, node: &Node, request: ControlRequest) ->
                 sections: None,
             };
             match handle.locate(request).await {
-                Ok(results) => ControlResponse::Located {
-                    icbs: reports(results),
-                },
+                Ok(results) => {
+                    let list = node.current_list(net::unix_now());
+                    ControlResponse::Located {
+                        icbs: reports(results, |ods| {
+                            list.as_ref()?.member_by_ods(ods)?.contact.clone()
+                        }),
+                    }
+                }
                 Err(e) => ControlResponse::Error {
                     message: node
                         .not_ready_reason(net::unix_now())
@@ -167,9 +198,14 @@ async fn answer(handle: &NetworkHandle, node: &Node, request: ControlRequest) ->
                 custodian,
                 records,
                 withheld,
+                not_shared,
             }) => ControlResponse::Fetched {
+                contact: node
+                    .current_list(net::unix_now())
+                    .and_then(|l| l.member_by_ods(&custodian)?.contact.clone()),
                 custodian: custodian.to_string(),
                 withheld,
+                not_shared,
                 records: records
                     .iter()
                     .filter_map(|r| serde_json::from_slice(&r.json).ok())
@@ -196,6 +232,8 @@ async fn answer(handle: &NetworkHandle, node: &Node, request: ControlRequest) ->
                 connected: status.connected.len(),
                 ready: node.not_ready_reason(now).is_none(),
                 not_ready_reason: node.not_ready_reason(now),
+                sharing: node.sharing().describe(),
+                sharing_since: node.sharing_since(),
             }
         }
     }
@@ -323,6 +361,54 @@ pub async fn watch_trust_file(loaded: LoadedConfig, handle: NetworkHandle, node:
     }
 }
 
+/// Watches the node's configuration file and puts a changed `[sharing]`
+/// agreement in force without a restart. A file that no longer loads leaves
+/// the agreement in force as it was, and says why. Other settings take
+/// effect at the next start, and the log says so.
+pub async fn watch_sharing(loaded: LoadedConfig, node: Arc<Node>) {
+    let path = loaded.path.clone();
+    let mut last: Option<SystemTime> = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+    let mut running = loaded.config.clone();
+    let mut tick = tokio::time::interval(SHARING_CHECK_EVERY);
+    loop {
+        tick.tick().await;
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified == last {
+            continue;
+        }
+        last = modified;
+        let reloaded = match crate::config::load(&path, std::env::vars()) {
+            Ok(reloaded) => reloaded.config,
+            Err(e) => {
+                tracing::error!(error = %e, "the changed configuration was not applied; the sharing agreement in force is unchanged");
+                continue;
+            }
+        };
+        match crate::sharing::Agreement::from_config(&reloaded.sharing) {
+            Ok(agreement) => {
+                node.set_sharing(agreement, net::unix_now());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the changed sharing agreement was not applied");
+                continue;
+            }
+        }
+        let mut others_then = running.clone();
+        let mut others_now = reloaded.clone();
+        others_then.sharing = Default::default();
+        others_now.sharing = Default::default();
+        if serde_json::to_value(&others_then).ok() != serde_json::to_value(&others_now).ok() {
+            tracing::warn!(
+                "settings outside [sharing] changed in the configuration file; they take effect when the node restarts"
+            );
+        }
+        running = reloaded;
+    }
+}
+
+/// How often `run` looks for a changed configuration file.
+pub const SHARING_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// Why `run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -378,6 +464,7 @@ pub fn run(loaded: LoadedConfig) -> Result<(), RunError> {
         tracing::info!(ods = %node.ods(), peer_id = %node.peer_id(), "careweave node running");
         let control = tokio::spawn(serve_control(control_path.clone(), handle.clone(), Arc::clone(&node)));
         tokio::spawn(watch_trust_file(loaded.clone(), handle.clone(), Arc::clone(&node)));
+        tokio::spawn(watch_sharing(loaded.clone(), Arc::clone(&node)));
         tokio::spawn(purge_replay_cache(Arc::clone(&node), REPLAY_PURGE_EVERY));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let result = tokio::select! {

@@ -20,5 +20,6 @@ pub mod opening;
 pub mod pointers;
 pub mod policy;
 mod segments;
+pub mod sharing;
 pub mod store;
 pub mod strikes;

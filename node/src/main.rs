@@ -608,6 +608,8 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
             connected,
             ready,
             not_ready_reason,
+            sharing,
+            sharing_since,
         }) = runtime()?.block_on(daemon::control(&socket, &ControlRequest::Status))
     {
         if json {
@@ -616,6 +618,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
                 serde_json::to_string_pretty(&serde_json::json!({
                     "running": true, "ods": ods, "peer_id": peer_id, "listen": listen,
                     "connected_peers": connected, "ready": ready, "not_ready_reason": not_ready_reason,
+                    "sharing": sharing, "sharing_since": sharing_since,
                 }))?
             );
         } else {
@@ -627,6 +630,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
                 None => println!("ready       yes"),
                 Some(reason) => println!("ready       no: {reason}"),
             }
+            print_sharing(&sharing, Some(sharing_since));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -647,6 +651,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         "trust_list_expires": list.map(|l| l.list().expires),
         "ready": node.not_ready_reason(now).is_none(),
         "not_ready_reason": node.not_ready_reason(now),
+        "sharing": node.sharing().to_json(),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -673,8 +678,21 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
             None => println!("ready       yes"),
             Some(reason) => println!("ready       no: {reason}"),
         }
+        print_sharing(&node.sharing().describe(), None);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The agreement's lines under a `sharing` heading; `since` is when a
+/// running node put it in force.
+fn print_sharing(lines: &[String], since: Option<u64>) {
+    match since {
+        Some(since) => println!("sharing     in force since {since} (Unix time):"),
+        None => println!("sharing     as configured (the node is not running):"),
+    }
+    for line in lines {
+        println!("              {line}");
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -761,6 +779,7 @@ fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
                     "pointers" => format!("{} pointer(s)", icb.pointers.len()),
                     "withheld" => format!("records withheld: {}", withheld_text(&icb.withheld)),
                     "no-records" => "no records".to_owned(),
+                    "not-shared" => "nothing shared with this ICB".to_owned(),
                     "timed-out" => "did not answer in time".to_owned(),
                     other => format!("{other}: {}", icb.detail.clone().unwrap_or_default()),
                 };
@@ -783,6 +802,17 @@ fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
                         withheld_text(&icb.withheld)
                     );
                 }
+                if !icb.not_shared.is_empty() {
+                    println!(
+                        "         {}",
+                        careweave_node::sharing::not_shared_text(
+                            &icb.ods,
+                            &loaded.config.node.ods,
+                            &icb.not_shared,
+                            icb.contact.as_deref(),
+                        )
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -799,6 +829,7 @@ fn withheld_text(reasons: &[careweave_protocol::message::WithheldReason]) -> Str
             Objection => "the patient objected to sharing",
             SensitiveCategory => "legally sensitive category",
             VeryRestricted => "labelled very restricted",
+            NoAgreement => "held in sections not shared with this ICB",
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -825,13 +856,16 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
         ControlResponse::Fetched {
             custodian,
             withheld,
+            not_shared,
+            contact,
             records,
         } => {
             if args.requester.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
-                        "custodian": custodian, "withheld": withheld, "records": records
+                        "custodian": custodian, "withheld": withheld,
+                        "not_shared": not_shared, "contact": contact, "records": records
                     }))?
                 );
             } else {
@@ -844,6 +878,17 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
                 }
                 if !withheld.is_empty() {
                     println!("withheld: {}", withheld_text(&withheld));
+                }
+                if !not_shared.is_empty() {
+                    println!(
+                        "{}",
+                        careweave_node::sharing::not_shared_text(
+                            &custodian,
+                            &loaded.config.node.ods,
+                            &not_shared,
+                            contact.as_deref(),
+                        )
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)

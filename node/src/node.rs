@@ -6,7 +6,7 @@
 //! a signed request for a named peer (audited before it is sent), and the
 //! checks on its response (audited before anything is handed on).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -14,7 +14,7 @@ use std::sync::{Mutex, RwLock};
 use careweave_protocol::envelope::{self, Opened, ProtocolId, Receive, Seal, VerifyError};
 use careweave_protocol::message::{
     ErrorCode, ErrorMessage, FetchRequest, FetchResponse, LocateRequest, LocateResponse, Message,
-    Payload, RequesterContext, TrustRequest, TrustResponse, WithheldReason,
+    Payload, RequesterContext, Section, TrustRequest, TrustResponse, WithheldReason,
 };
 use careweave_protocol::record::{self, VerifiedRecord};
 use careweave_protocol::trust::{self, AcceptedList, AcceptedRoot, Member, Role, TrustError};
@@ -25,6 +25,7 @@ use crate::config::NodeConfig;
 use crate::keys::NodeKeys;
 use crate::pointers;
 use crate::policy::{self, PolicySettings};
+use crate::sharing::{Agreement, AgreementError};
 use crate::store::{Store, StoreError, StoredRecord};
 use crate::strikes::{self, Strikes};
 
@@ -84,6 +85,8 @@ pub enum NodeError {
     NoRoot,
     #[error("the operating system's random number generator failed: {0}")]
     Random(String),
+    #[error("sharing agreement: {0}")]
+    Sharing(#[from] AgreementError),
 }
 
 /// What to do with an inbound request.
@@ -165,6 +168,8 @@ pub enum FetchAnswer {
         custodian: OdsCode,
         records: Vec<VerifiedRecord>,
         withheld: Vec<WithheldReason>,
+        /// Sections the custodian's agreement does not share with us.
+        not_shared: Vec<Section>,
     },
     Refused(ErrorMessage),
 }
@@ -214,7 +219,8 @@ struct PatientView {
 /// What a response to one of our requests brought, for the audit log.
 enum Seen<'a> {
     /// Pointer ids or record keys released, and reasons for what was withheld.
-    Released(Vec<String>, &'a [WithheldReason]),
+    /// Released ids, withheld reasons, and sections not shared with us.
+    Released(Vec<String>, &'a [WithheldReason], &'a [Section]),
     Refused(&'a ErrorMessage),
     Failed(&'a ResponseError),
 }
@@ -234,6 +240,11 @@ pub struct Node {
     peer_id: PeerIdBytes,
     /// Bad messages per peer; past the limit, connections are closed.
     strikes: Strikes,
+    /// The sharing agreement in force; replaced whole when the operator
+    /// changes it, never edited in place.
+    sharing: RwLock<Arc<Agreement>>,
+    /// When the agreement in force took effect (Unix seconds).
+    sharing_since: AtomicU64,
 }
 
 impl Node {
@@ -258,7 +269,10 @@ impl Node {
             config.audit.checkpoint_every_entries,
             config.audit.checkpoint_every_secs,
         )?;
+        let sharing = Agreement::from_config(&config.sharing)?;
         let node = Self {
+            sharing: RwLock::new(Arc::new(sharing)),
+            sharing_since: AtomicU64::new(now),
             peer_id: keys.peer_id(),
             ods,
             config,
@@ -272,6 +286,40 @@ impl Node {
         node.load_stored_trust(now);
         node.store.purge_replay(now)?;
         Ok(node)
+    }
+
+    /// The sharing agreement in force.
+    pub fn sharing(&self) -> Arc<Agreement> {
+        Arc::clone(
+            &self
+                .sharing
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// When the agreement in force took effect (Unix seconds).
+    pub fn sharing_since(&self) -> u64 {
+        self.sharing_since.load(Ordering::Relaxed)
+    }
+
+    /// Puts `agreement` in force from the next request on. Returns whether
+    /// it differs from the one it replaces.
+    pub fn set_sharing(&self, agreement: Agreement, now: u64) -> bool {
+        let mut held = self
+            .sharing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **held == agreement {
+            return false;
+        }
+        tracing::info!(
+            agreement = %agreement.describe().join("; "),
+            "the sharing agreement changed; it applies from the next request"
+        );
+        *held = Arc::new(agreement);
+        self.sharing_since.store(now, Ordering::Relaxed);
+        true
     }
 
     /// This node's ODS code.
@@ -585,6 +633,7 @@ impl Node {
             withheld: vec![],
             request_hash: request_hash.to_vec(),
             emergency: context.is_some_and(|(c, _)| c.break_glass_reason.is_some()),
+            not_shared: vec![],
         })
     }
 
@@ -855,6 +904,7 @@ impl Node {
             withheld: withheld.to_vec(),
             request_hash: ex.hash.to_vec(),
             emergency,
+            not_shared: vec![],
         }
     }
 
@@ -872,6 +922,15 @@ impl Node {
                 .collect(),
             None => view.records,
         };
+        let agreement = self.sharing();
+        let not_shared = agreement.not_shared(
+            &ex.requester.ods,
+            &ex.requester.predecessors,
+            request.sections.as_deref(),
+        );
+        let (held_back, records): (Vec<StoredRecord>, Vec<StoredRecord>) = records
+            .into_iter()
+            .partition(|r| not_shared.contains(&r.section));
         let disclosure =
             match policy::disclose(context, &view.flags, &records, self.policy_settings()) {
                 Ok(d) => d,
@@ -889,7 +948,11 @@ impl Node {
             self.emergency_alert(ex.requester, context, "locate");
         }
         let pointers = pointers::build(&self.ods, &view.salt, nhs, &disclosure.released);
-        let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();
+        let mut withheld = disclosure.withheld.clone();
+        if agreement.disclose_existence && !view.flags.restricted && !held_back.is_empty() {
+            withheld.insert(WithheldReason::NoAgreement);
+        }
+        let withheld: Vec<WithheldReason> = withheld.into_iter().collect();
         let mut entry = self.audit_entry(
             ex,
             (context, nhs),
@@ -897,11 +960,9 @@ impl Node {
             &withheld,
             disclosure.emergency,
         );
+        record_not_shared(&mut entry, &not_shared);
         // The audit log tells the truth the answer must not.
-        entry.reason = view
-            .flags
-            .restricted
-            .then(|| "restricted patient: answered as unknown".to_owned());
+        entry.reason = truth_untold(ex.requester, &view.flags, &held_back);
         self.audited_reply(
             ex,
             &entry,
@@ -909,6 +970,7 @@ impl Node {
                 custodian: self.ods.clone(),
                 pointers,
                 withheld,
+                not_shared,
             },
         )
     }
@@ -937,6 +999,36 @@ impl Node {
         } else {
             view.records.iter().collect()
         };
+        let agreement = self.sharing();
+        let (requester_ods, predecessors) = (&ex.requester.ods, &ex.requester.predecessors);
+        if agreement.shares_nothing_with(requester_ods, predecessors) {
+            // The same answer for every pointer, real or not.
+            let held_back: Vec<StoredRecord> =
+                pointers::find(&self.ods, &view.salt, nhs, &all, &request.pointer_id)
+                    .map(|g| g.records.into_iter().cloned().collect())
+                    .unwrap_or_default();
+            return self.answer_fetch_not_shared(
+                ex,
+                (context, nhs),
+                &view.flags,
+                Section::ALL.to_vec(),
+                &held_back,
+            );
+        }
+        if let Some(group) = pointers::find(&self.ods, &view.salt, nhs, &all, &request.pointer_id)
+            && !agreement.shares(requester_ods, predecessors, group.section)
+        {
+            // Only someone once shared with holds a real pointer, so naming
+            // its section tells them nothing new.
+            let held_back: Vec<StoredRecord> = group.records.into_iter().cloned().collect();
+            return self.answer_fetch_not_shared(
+                ex,
+                (context, nhs),
+                &view.flags,
+                vec![group.section],
+                &held_back,
+            );
+        }
         let released_group = pointers::find(
             &self.ods,
             &view.salt,
@@ -982,6 +1074,39 @@ impl Node {
                     .map(|r| serde_bytes::ByteBuf::from(r.signed.clone()))
                     .collect(),
                 withheld,
+                not_shared: vec![],
+            },
+        )
+    }
+
+    /// A fetch the sharing agreement does not allow: no records, the
+    /// sections not shared, and (if configured) that records exist.
+    fn answer_fetch_not_shared(
+        &self,
+        ex: &Exchange<'_>,
+        (context, nhs): (&RequesterContext, &NhsNumber),
+        flags: &crate::store::PatientFlags,
+        not_shared: Vec<Section>,
+        held_back: &[StoredRecord],
+    ) -> Inbound {
+        let agreement = self.sharing();
+        let withheld = if agreement.disclose_existence && !flags.restricted && !held_back.is_empty()
+        {
+            vec![WithheldReason::NoAgreement]
+        } else {
+            vec![]
+        };
+        let mut entry = self.audit_entry(ex, (context, nhs), vec![], &withheld, false);
+        record_not_shared(&mut entry, &not_shared);
+        entry.reason = truth_untold(ex.requester, flags, held_back);
+        self.audited_reply(
+            ex,
+            &entry,
+            &FetchResponse {
+                custodian: self.ods.clone(),
+                records: vec![],
+                withheld,
+                not_shared,
             },
         )
     }
@@ -1354,6 +1479,7 @@ impl Node {
                 withheld: vec![],
                 request_hash: hash.to_vec(),
                 emergency: context.break_glass_reason.is_some(),
+                not_shared: vec![],
             },
             durability,
         )
@@ -1415,10 +1541,11 @@ impl Node {
         outcome: &str,
         reason: Option<String>,
         released: Vec<String>,
-        withheld: Vec<WithheldReason>,
+        kept_back: (Vec<WithheldReason>, Vec<Section>),
         now: u64,
         durability: Durability,
     ) -> Result<(), ResponseError> {
+        let (withheld, not_shared) = kept_back;
         self.append_audit_with(
             &AuditEntry {
                 time: now,
@@ -1437,6 +1564,7 @@ impl Node {
                     .context
                     .as_ref()
                     .is_some_and(|c| c.break_glass_reason.is_some()),
+                not_shared,
             },
             durability,
         )
@@ -1478,7 +1606,7 @@ impl Node {
             "failed",
             Some(reason.to_owned()),
             vec![],
-            vec![],
+            (vec![], vec![]),
             now,
             durability,
         )
@@ -1527,6 +1655,7 @@ impl Node {
             Ok(LocateAnswer::Answered(r)) => Seen::Released(
                 r.pointers.iter().map(|p| p.id.clone()).collect(),
                 &r.withheld,
+                &r.not_shared,
             ),
             Ok(LocateAnswer::Refused(e)) => Seen::Refused(e),
             Err(e) => Seen::Failed(e),
@@ -1544,21 +1673,27 @@ impl Node {
         durability: Durability,
     ) -> Result<(), ResponseError> {
         match seen {
-            Seen::Released(released, withheld) => self.audit_response(
-                request,
-                outcome_label(!released.is_empty(), !withheld.is_empty()),
-                None,
-                released,
-                withheld.to_vec(),
-                now,
-                durability,
-            ),
+            Seen::Released(released, withheld, not_shared) => {
+                let outcome = match outcome_label(!released.is_empty(), !withheld.is_empty()) {
+                    "no-records" if !not_shared.is_empty() => "not-shared",
+                    other => other,
+                };
+                self.audit_response(
+                    request,
+                    outcome,
+                    None,
+                    released,
+                    (withheld.to_vec(), not_shared.to_vec()),
+                    now,
+                    durability,
+                )
+            }
             Seen::Refused(e) => self.audit_response(
                 request,
                 "refused",
                 Some(e.message.clone()),
                 vec![],
-                vec![],
+                (vec![], vec![]),
                 now,
                 durability,
             ),
@@ -1601,7 +1736,10 @@ impl Node {
         let result = self.check_fetch_response(request, bytes, now);
         let seen = match &result {
             Ok(FetchAnswer::Records {
-                records, withheld, ..
+                records,
+                withheld,
+                not_shared,
+                ..
             }) => Seen::Released(
                 records
                     .iter()
@@ -1613,6 +1751,7 @@ impl Node {
                     })
                     .collect(),
                 withheld,
+                not_shared,
             ),
             Ok(FetchAnswer::Refused(e)) => Seen::Refused(e),
             Err(e) => Seen::Failed(e),
@@ -1667,6 +1806,7 @@ impl Node {
             custodian: response.custodian,
             records,
             withheld: response.withheld,
+            not_shared: response.not_shared,
         })
     }
 }
@@ -1675,10 +1815,46 @@ fn list_policy(state: Option<&TrustState>) -> trust::Policy {
     state.map(|s| s.root.root().policy).unwrap_or_default()
 }
 
+/// What the audit entry records beyond the answer: a restricted patient
+/// answered as unknown, and records held back for want of an agreement.
+fn truth_untold(
+    requester: &Member,
+    flags: &crate::store::PatientFlags,
+    held_back: &[StoredRecord],
+) -> Option<String> {
+    let mut said = Vec::new();
+    if flags.restricted {
+        said.push("restricted patient: answered as unknown".to_owned());
+    }
+    if !held_back.is_empty() {
+        let sections: BTreeSet<Section> = held_back.iter().map(|r| r.section).collect();
+        said.push(format!(
+            "no sharing agreement with {} for {}: {} record(s) held back",
+            requester.ods,
+            sections
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            held_back.len()
+        ));
+    }
+    (!said.is_empty()).then(|| said.join("; "))
+}
+
 fn outcome_label(released: bool, withheld: bool) -> &'static str {
     match (released, withheld) {
         (true, _) => "answered",
         (false, true) => "withheld",
         (false, false) => "no-records",
+    }
+}
+
+/// Marks an entry whose answer held nothing because of the agreement: what
+/// the requester was told was "not shared", not "no records".
+fn record_not_shared(entry: &mut AuditEntry, not_shared: &[Section]) {
+    entry.not_shared = not_shared.to_vec();
+    if entry.outcome == "no-records" && !not_shared.is_empty() {
+        entry.outcome = "not-shared".to_owned();
     }
 }

@@ -29,6 +29,7 @@ fn write_node(dir: &std::path::Path) -> std::path::PathBuf {
     keys("QUE").write_new(&dir.join("keys")).unwrap();
     let text = config::template(&OdsCode::parse("QUE").unwrap(), "NHS QUE ICB")
         .replace("testnet = false", "testnet = true")
+        .replace("\nscope = \"none\"", "\nscope = \"national\"")
         .replace("batch_records = 1000", "batch_records = 250")
         .replace(
             "checkpoint_every_entries = 100",

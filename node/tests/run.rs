@@ -112,7 +112,8 @@ fn init(dir: &Path, ods: &str, port: u16) -> PathBuf {
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("# root = \"trust/root.cose\"", "root = \"trust/root.cose\"")
-        .replace("# list = \"trust/list.cose\"", "list = \"trust/list.cose\"");
+        .replace("# list = \"trust/list.cose\"", "list = \"trust/list.cose\"")
+        .replace("\nscope = \"none\"", "\nscope = \"national\"");
     std::fs::write(&config, text).unwrap();
     std::fs::create_dir_all(dir.join("trust")).unwrap();
     config

@@ -151,6 +151,54 @@ pub enum Section {
     Encounters,
 }
 
+impl Section {
+    /// Every section, in order.
+    pub const ALL: [Section; 10] = [
+        Section::Allergies,
+        Section::Medications,
+        Section::Problems,
+        Section::Procedures,
+        Section::Investigations,
+        Section::Vaccinations,
+        Section::Alerts,
+        Section::CarePlans,
+        Section::Documents,
+        Section::Encounters,
+    ];
+
+    /// The wire name, as in configuration files: `care-plans`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Section::Allergies => "allergies",
+            Section::Medications => "medications",
+            Section::Problems => "problems",
+            Section::Procedures => "procedures",
+            Section::Investigations => "investigations",
+            Section::Vaccinations => "vaccinations",
+            Section::Alerts => "alerts",
+            Section::CarePlans => "care-plans",
+            Section::Documents => "documents",
+            Section::Encounters => "encounters",
+        }
+    }
+
+    /// The section with this wire name.
+    pub fn from_name(name: &str) -> Option<Section> {
+        Section::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The name people read: `care plans`.
+    pub fn label(self) -> String {
+        self.as_str().replace('-', " ")
+    }
+}
+
+impl std::fmt::Display for Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A code with its system, as FHIR's Coding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -248,6 +296,20 @@ pub enum WithheldReason {
     SensitiveCategory,
     /// Records labelled very restricted never leave the custodian.
     VeryRestricted,
+    /// Records are held in sections the custodian does not share with the
+    /// requester's ICB. Sent only by custodians configured to disclose that
+    /// records exist; see `not_shared`.
+    NoAgreement,
+}
+
+fn check_not_shared(not_shared: &[Section], what: &'static str) -> Result<(), PayloadError> {
+    if not_shared.windows(2).any(|w| w.first() >= w.get(1)) {
+        return Err(problem(
+            what,
+            "not_shared must list sections in order, each once",
+        ));
+    }
+    Ok(())
 }
 
 fn check_withheld(withheld: &[WithheldReason], what: &'static str) -> Result<(), PayloadError> {
@@ -278,6 +340,10 @@ pub struct LocateResponse {
     pub custodian: OdsCode,
     pub pointers: Vec<Pointer>,
     pub withheld: Vec<WithheldReason>,
+    /// The asked-for sections the custodian's sharing agreement does not
+    /// share with the requester's ICB, in order. It follows from the
+    /// agreement alone, so it says nothing about the patient.
+    pub not_shared: Vec<Section>,
 }
 
 /// "Give me the records behind this pointer."
@@ -297,6 +363,9 @@ pub struct FetchResponse {
     pub custodian: OdsCode,
     pub records: Vec<serde_bytes::ByteBuf>,
     pub withheld: Vec<WithheldReason>,
+    /// As in [`LocateResponse::not_shared`]: the sections behind the pointer
+    /// (or every section) the agreement does not share with the requester.
+    pub not_shared: Vec<Section>,
 }
 
 /// "Send me anything newer than what I hold."
@@ -441,7 +510,14 @@ impl Payload for LocateResponse {
                     "a pointer names another custodian",
                 ));
             }
+            if self.not_shared.contains(&pointer.section) {
+                return Err(problem(
+                    "locate response",
+                    "a pointer is in a section the answer says is not shared",
+                ));
+            }
         }
+        check_not_shared(&self.not_shared, "locate response")?;
         check_withheld(&self.withheld, "locate response")
     }
 }
@@ -468,6 +544,7 @@ impl Payload for FetchResponse {
                 format!("more than {MAX_RECORDS} records"),
             ));
         }
+        check_not_shared(&self.not_shared, "fetch response")?;
         check_withheld(&self.withheld, "fetch response")
     }
 }
@@ -624,13 +701,33 @@ mod tests {
             custodian: OdsCode::parse("QE1").unwrap(),
             pointers: vec![pointer()],
             withheld: vec![WithheldReason::Objection],
+            not_shared: vec![Section::CarePlans, Section::Documents],
         };
         r.validate().unwrap();
         r.withheld.push(WithheldReason::Objection);
         assert!(r.validate().is_err());
         r.withheld.pop();
+        r.not_shared = vec![Section::Documents, Section::CarePlans];
+        assert!(r.validate().is_err(), "out of order");
+        r.not_shared = vec![Section::CarePlans, Section::CarePlans];
+        assert!(r.validate().is_err(), "twice");
+        r.not_shared = vec![pointer().section];
+        assert!(r.validate().is_err(), "a pointer in a section not shared");
+        r.not_shared = vec![];
         r.custodian = OdsCode::parse("QWO").unwrap();
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn section_names_round_trip() {
+        for section in Section::ALL {
+            assert_eq!(Section::from_name(section.as_str()), Some(section));
+            let wire = crate::cbor::encode(&section).unwrap();
+            let name: String = crate::cbor::decode(&wire, crate::cbor::Limits::MESSAGE).unwrap();
+            assert_eq!(name, section.as_str());
+        }
+        assert_eq!(Section::from_name("care plans"), None);
+        assert_eq!(Section::CarePlans.label(), "care plans");
     }
 
     #[test]

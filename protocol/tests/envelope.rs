@@ -136,6 +136,7 @@ fn a_response_carries_the_request_hash() {
         custodian: net.nodes[1].ods.clone(),
         pointers: vec![],
         withheld: vec![],
+        not_shared: vec![],
     };
     let params = Seal {
         key: &net.nodes[1].message,

@@ -237,11 +237,12 @@ fn all_vectors() -> Vec<Vector> {
     push(
         &mut out,
         "locate-response",
-        "QUE answers with one pointer and says it withheld records in a sensitive category.",
+        "QUE answers with one pointer, says it withheld records in a sensitive category, and that it does not share care plans with QHG.",
         &LocateResponse {
             custodian: que.ods.clone(),
             pointers: vec![pointer],
             withheld: vec![WithheldReason::SensitiveCategory],
+            not_shared: vec![Section::CarePlans],
         },
         message(
             ProtocolId::Locate,
@@ -298,6 +299,7 @@ fn all_vectors() -> Vec<Vector> {
             custodian: que.ods.clone(),
             records: vec![serde_bytes::ByteBuf::from(record_bytes)],
             withheld: vec![],
+            not_shared: vec![],
         },
         message(
             ProtocolId::Fetch,

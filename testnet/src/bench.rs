@@ -339,6 +339,7 @@ fn message_sizes() -> Result<Sizes, String> {
             custodian: b.clone(),
             pointers: vec![],
             withheld: vec![],
+            not_shared: vec![],
         },
         &seal(ProtocolId::Locate, Some([9; 32])),
     )
@@ -374,6 +375,7 @@ fn message_sizes() -> Result<Sizes, String> {
             custodian: b.clone(),
             records: vec![serde_bytes::ByteBuf::from(signed)],
             withheld: vec![],
+            not_shared: vec![],
         },
         &seal(ProtocolId::Fetch, Some([9; 32])),
     )
@@ -483,6 +485,7 @@ pub(crate) fn build(
             nodes,
             patients_per_icb: patients,
             seed: 2026,
+            sharing: setup::SharingMix::National,
         },
         &|_| {},
     )

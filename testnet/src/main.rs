@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use careweave_node::api::client::ApiClient;
 use careweave_testnet::data;
-use careweave_testnet::setup::{self, Options, Testnet};
+use careweave_testnet::setup::{self, Options, SharingMix, Testnet};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
@@ -128,6 +128,11 @@ struct UpArgs {
     /// The ICBs of 2022 (42) or after the April 2026 merges (36).
     #[arg(long, default_value = "2022", value_parser = ["2022", "2026"])]
     icb_set: String,
+    /// Sharing agreements: "mixed" (most national, some only with their
+    /// region's ICBs or for care plans only, the fourth ICB and every tenth
+    /// after it with no one) or "national" (every ICB shares everything).
+    #[arg(long, default_value = "mixed", value_parser = ["mixed", "national"])]
+    sharing: String,
 }
 
 fn main() -> ExitCode {
@@ -245,6 +250,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 nodes: args.nodes,
                 patients_per_icb: args.patients,
                 seed: args.seed,
+                sharing: if args.sharing == "national" {
+                    SharingMix::National
+                } else {
+                    SharingMix::Mixed
+                },
             };
             let icbs = if args.icb_set == "2026" {
                 data::icbs_2026()
@@ -321,6 +331,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         nodes: 5,
                         patients_per_icb: 20,
                         seed: 2026,
+                        sharing: SharingMix::Mixed,
                     },
                 )?
             };
@@ -435,6 +446,7 @@ fn demo() -> Result<ExitCode> {
             nodes: 5,
             patients_per_icb: 20,
             seed: 2026,
+            sharing: SharingMix::Mixed,
         },
     )?;
     let result = runtime()?.block_on(demo_story(&t));
@@ -514,9 +526,28 @@ async fn demo_story(t: &Testnet) -> Result<String> {
     for o in &outcomes {
         writeln!(out, "   note: {o}")?;
     }
-    if per_icb.len() != 3 {
-        bail!("expected records at three ICBs, found {}", per_icb.len());
+    // The fourth ICB holds records too, but shares with no one outside itself.
+    if per_icb.len() != 2 {
+        bail!(
+            "expected pointers from two ICBs (the third holder shares with no one), found {}",
+            per_icb.len()
+        );
     }
+    let refusal = outcomes
+        .iter()
+        .find(|o| o.contains("no sharing agreement") && o.contains("Contact:"))
+        .context("the ICB without a sharing agreement was not shown, with whom to contact")?;
+    writeln!(
+        out,
+        "   {} holds records for this patient too, but its sharing agreement covers only its own ICB: \
+         the clinician is told so and whom to ask ({}).",
+        t.nodes[3].ods,
+        refusal
+            .split("Contact: ")
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches('.')
+    )?;
 
     // 2. Fetch one pointer's records, provenance checked.
     let pointer = bundle["entry"]
@@ -560,12 +591,17 @@ async fn demo_story(t: &Testnet) -> Result<String> {
     // 4. Restricted patient: answers exactly like an unknown one.
     let bundle = search(t.demo.restricted, None).await?;
     let (per_icb, outcomes) = summarise(&bundle);
-    if !per_icb.is_empty() || !outcomes.is_empty() {
+    // The only note left is the agreement's, which every search carries.
+    let about_the_patient: Vec<&String> = outcomes
+        .iter()
+        .filter(|o| !o.contains("no sharing agreement"))
+        .collect();
+    if !per_icb.is_empty() || !about_the_patient.is_empty() {
         bail!("the restricted patient was visible: {per_icb:?} {outcomes:?}");
     }
     writeln!(
         out,
-        "4. Patient {} is restricted at {}: the search shows nothing at all, exactly as for a patient nobody holds.",
+        "4. Patient {} is restricted at {}: the search shows nothing about them, exactly as for a patient nobody holds.",
         t.demo.restricted, t.nodes[2].ods
     )?;
 

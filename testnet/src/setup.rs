@@ -143,6 +143,61 @@ pub struct Options {
     pub nodes: usize,
     pub patients_per_icb: u32,
     pub seed: u64,
+    pub sharing: SharingMix,
+}
+
+/// The sharing agreements a testnet's ICBs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharingMix {
+    /// Every ICB shares every section nationally.
+    National,
+    /// A realistic mix: most share nationally, some only with the ICBs of
+    /// their NHS region (all sections, or care plans only), and some with
+    /// no one outside themselves. The fourth ICB always shares with no one,
+    /// so the demo's patient meets one refusal.
+    Mixed,
+}
+
+impl SharingMix {
+    /// `[sharing]` settings for the ICB at `position` in the testnet, with
+    /// `all` the reference ICBs (neighbours are drawn from them): the
+    /// top-level lines, then any per-section tables.
+    pub fn agreement(self, position: usize, icb: &Icb, all: &[Icb]) -> (String, String) {
+        let neighbours = || {
+            all.iter()
+                .filter(|other| other.region == icb.region && other.ods != icb.ods)
+                .map(|other| format!("\"{}\"", other.ods))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let national = || ("scope = \"national\"\nicbs = []".to_owned(), String::new());
+        let own_only = || ("scope = \"none\"\nicbs = []".to_owned(), String::new());
+        match self {
+            SharingMix::National => national(),
+            SharingMix::Mixed => match position {
+                3 => own_only(),
+                // An ICB alone in its region has no neighbours to name.
+                p if p >= 4 && p % 5 == 4 && neighbours().is_empty() => own_only(),
+                p if p >= 4 && p % 5 == 4 => (
+                    format!("scope = \"icbs\"\nicbs = [{}]", neighbours()),
+                    String::new(),
+                ),
+                p if p >= 4 && p % 5 == 0 && neighbours().is_empty() => (
+                    national().0,
+                    "\n[sharing.sections.care-plans]\nscope = \"none\"\n".to_owned(),
+                ),
+                p if p >= 4 && p % 5 == 0 => (
+                    national().0,
+                    format!(
+                        "\n[sharing.sections.care-plans]\nscope = \"icbs\"\nicbs = [{}]\n",
+                        neighbours()
+                    ),
+                ),
+                p if p >= 4 && p % 10 == 7 => own_only(),
+                _ => national(),
+            },
+        }
+    }
 }
 
 fn member(
@@ -199,6 +254,7 @@ pub fn build(
             dir.display()
         )));
     }
+    let all = icbs;
     let icbs: Vec<&Icb> = icbs.iter().take(options.nodes).collect();
     if icbs.len() < options.nodes || options.nodes == 0 {
         return Err(TestnetError::Setup(format!(
@@ -263,7 +319,7 @@ pub fn build(
     let mut nodes = Vec::new();
     let mut members = Vec::new();
     let mut ports = PortPool::new();
-    for icb in &icbs {
+    for (position, icb) in icbs.iter().enumerate() {
         progress(&format!(
             "node {} ({}): keys and configuration",
             icb.ods, icb.name
@@ -291,6 +347,7 @@ pub fn build(
         std::fs::copy(dir.join("api-ca/ca.pem"), info.dir.join("api/ca.pem"))
             .map_err(io(&info.dir))?;
         let ods = OdsCode::parse(&icb.ods).map_err(setup_err)?;
+        let (scope, section_tables) = options.sharing.agreement(position, icb, all);
         let text = config::template(&ods, &icb.name)
             .replace("testnet = false", "testnet = true")
             .replace(
@@ -309,7 +366,9 @@ pub fn build(
                 "# client_ca = \"api/client-ca.pem\"",
                 "client_ca = \"api/ca.pem\"",
             )
-            .replace("level = \"info\"", "level = \"warn\"");
+            .replace("level = \"info\"", "level = \"warn\"")
+            .replace("\nscope = \"none\"\nicbs = []", &format!("\n{scope}"))
+            .replace("\n[log]", &format!("{section_tables}\n[log]"));
         std::fs::write(info.config(), text).map_err(io(&info.dir))?;
         members.push(member(ods, &icb.predecessors, &info, &keys, now));
         nodes.push((info, keys));

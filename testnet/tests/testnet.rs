@@ -30,7 +30,8 @@ fn the_demo_tells_its_story_and_exits_zero() {
     ] {
         assert!(report.contains(fact), "missing {fact:?} in:\n{report}");
     }
-    // Three ICBs hold the shared patient's records.
+    // Three ICBs hold the shared patient's records; two share them with the
+    // asking ICB, and the third's refusal names whom to contact.
     let section = report
         .split("1. ")
         .nth(1)
@@ -38,7 +39,12 @@ fn the_demo_tells_its_story_and_exits_zero() {
         .split("2. ")
         .next()
         .unwrap();
-    assert_eq!(section.matches("pointer(s)").count(), 3, "{section}");
+    assert_eq!(section.matches("pointer(s)").count(), 2, "{section}");
+    assert!(
+        section.contains("has no sharing agreement with ICB QHG for any section")
+            && section.contains("Contact: shared-care-records@qh8.testnet.invalid"),
+        "{section}"
+    );
 }
 
 fn pids(dir: &std::path::Path) -> Vec<String> {

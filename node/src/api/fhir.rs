@@ -2,8 +2,8 @@
 //! DocumentReference pointers, OperationOutcomes with NHS error codes, and
 //! record Bundles.
 
-use careweave_protocol::NhsNumber;
 use careweave_protocol::message::{Pointer, WithheldReason};
+use careweave_protocol::{NhsNumber, OdsCode};
 use serde_json::{Value, json};
 
 use crate::fhir::NHS_NUMBER_SYSTEM;
@@ -67,14 +67,31 @@ fn withheld_text(reasons: &[WithheldReason]) -> String {
                 "records in a legally sensitive category are not shared"
             }
             WithheldReason::VeryRestricted => "records labelled very restricted are not shared",
+            WithheldReason::NoAgreement => "records are held in sections not shared with your ICB",
         })
         .collect::<Vec<_>>()
         .join("; ")
 }
 
-/// The OperationOutcome entry for one ICB that did not simply answer.
-fn icb_outcome(result: &IcbResult, contact: Option<&str>) -> Option<Value> {
+/// The OperationOutcomes for one ICB that did not simply answer: sections
+/// its agreement keeps from us, then anything withheld or failed.
+fn icb_outcomes(result: &IcbResult, asker: &OdsCode, contact: Option<&str>) -> Vec<Value> {
     let who = format!("{} ({})", result.name, result.ods);
+    let mut out = Vec::new();
+    if !result.not_shared.is_empty() {
+        out.push(outcome(
+            "information",
+            "suppressed",
+            "ACCESS_DENIED",
+            &crate::sharing::not_shared_text(&who, asker, &result.not_shared, contact),
+        ));
+    }
+    out.extend(icb_outcome(result, &who, contact));
+    out
+}
+
+/// The OperationOutcome for one ICB's withheld records or failure.
+fn icb_outcome(result: &IcbResult, who: &str, contact: Option<&str>) -> Option<Value> {
     let contact = contact
         .map(|c| format!(" Contact: {c}."))
         .unwrap_or_default();
@@ -88,7 +105,9 @@ fn icb_outcome(result: &IcbResult, contact: Option<&str>) -> Option<Value> {
                 withheld_text(withheld)
             ),
         ),
-        IcbOutcome::Pointers { .. } | IcbOutcome::NoRecords => return None,
+        IcbOutcome::Pointers { .. } | IcbOutcome::NoRecords | IcbOutcome::NotShared => {
+            return None;
+        }
         IcbOutcome::Withheld(w) => (
             "information",
             "suppressed",
@@ -123,6 +142,7 @@ pub fn searchset(
     nhs: &NhsNumber,
     base: &str,
     self_url: &str,
+    asker: &OdsCode,
     contact: impl Fn(&str) -> Option<String>,
 ) -> Value {
     let mut entries = Vec::new();
@@ -140,9 +160,16 @@ pub fn searchset(
         }
     }
     for result in results {
-        if let Some(resource) = icb_outcome(result, contact(result.ods.as_str()).as_deref()) {
+        let found = icb_outcomes(result, asker, contact(result.ods.as_str()).as_deref());
+        let several = found.len() > 1;
+        for (i, resource) in found.into_iter().enumerate() {
+            let url = if several {
+                format!("urn:careweave:outcome:{}:{}", result.ods, i + 1)
+            } else {
+                format!("urn:careweave:outcome:{}", result.ods)
+            };
             entries.push(json!({
-                "fullUrl": format!("urn:careweave:outcome:{}", result.ods),
+                "fullUrl": url,
                 "resource": resource,
                 "search": {"mode": "outcome"},
             }));
@@ -157,8 +184,14 @@ pub fn searchset(
     })
 }
 
-/// A collection Bundle of fetched records.
-pub fn collection(records: Vec<Value>, withheld: &[WithheldReason], base: &str) -> Value {
+/// A collection Bundle of fetched records; `not_shared` is the text to show
+/// when the custodian's agreement kept records from us.
+pub fn collection(
+    records: Vec<Value>,
+    withheld: &[WithheldReason],
+    not_shared: Option<String>,
+    base: &str,
+) -> Value {
     let mut entries: Vec<Value> = records
         .into_iter()
         .map(|r| {
@@ -172,6 +205,12 @@ pub fn collection(records: Vec<Value>, withheld: &[WithheldReason], base: &str) 
             json!({"fullUrl": url, "resource": r})
         })
         .collect();
+    if let Some(text) = not_shared {
+        entries.push(json!({
+            "fullUrl": "urn:careweave:outcome:not-shared",
+            "resource": outcome("information", "suppressed", "ACCESS_DENIED", &text),
+        }));
+    }
     if !withheld.is_empty() {
         entries.push(json!({
             "fullUrl": "urn:careweave:outcome:withheld",

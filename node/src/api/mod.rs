@@ -510,7 +510,14 @@ async fn search_inner(
     };
     Ok(fhir(
         StatusCode::OK,
-        &fhir::searchset(&results, &nhs, &state.base_url, &self_url, contact),
+        &fhir::searchset(
+            &results,
+            &nhs,
+            &state.base_url,
+            &self_url,
+            state.node.ods(),
+            contact,
+        ),
     ))
 }
 
@@ -614,8 +621,25 @@ async fn records_inner(
             Err(Problem::new(status, code, e.message))
         }
         FetchAnswer::Records {
-            records, withheld, ..
+            custodian,
+            records,
+            withheld,
+            not_shared,
         } => {
+            let not_shared = (!not_shared.is_empty()).then(|| {
+                let list = state.node.current_list(unix_now());
+                let member = list.as_ref().and_then(|l| l.member_by_ods(&custodian));
+                let who = member.map_or_else(
+                    || custodian.to_string(),
+                    |m| format!("{} ({})", m.name, m.ods),
+                );
+                crate::sharing::not_shared_text(
+                    &who,
+                    state.node.ods(),
+                    &not_shared,
+                    member.and_then(|m| m.contact.as_deref()),
+                )
+            });
             let wants_cose =
                 header_text(&headers, "Accept").is_some_and(|a| a.contains("application/cose"));
             if wants_cose {
@@ -643,7 +667,7 @@ async fn records_inner(
                 .collect();
             Ok(fhir(
                 StatusCode::OK,
-                &fhir::collection(json, &withheld, &state.base_url),
+                &fhir::collection(json, &withheld, not_shared, &state.base_url),
             ))
         }
     }
@@ -862,6 +886,8 @@ async fn admin_status(
         "trust_list_seq": list.as_ref().map(|l| l.list().seq),
         "ready": state.node.not_ready_reason(now).is_none(),
         "not_ready_reason": state.node.not_ready_reason(now),
+        "sharing": state.node.sharing().to_json(),
+        "sharing_since": state.node.sharing_since(),
     }))
     .into_response())
 }
@@ -967,6 +993,37 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             "careweave_requests_refused_total{{reason=\"{reason}\"}} {count}"
         );
     }
+    let agreement = node.sharing();
+    let _ = writeln!(
+        out,
+        "# HELP careweave_sharing_scope The sharing agreement in force: 1 for each section's scope (national, icbs or none).\n# TYPE careweave_sharing_scope gauge"
+    );
+    for (section, scope) in agreement.by_section() {
+        let _ = writeln!(
+            out,
+            "careweave_sharing_scope{{section=\"{section}\",scope=\"{}\"}} 1",
+            scope.kind()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP careweave_sharing_named_icbs ICBs a section is shared with when its scope is a named set.\n# TYPE careweave_sharing_named_icbs gauge"
+    );
+    for (section, scope) in agreement.by_section() {
+        if let crate::sharing::Scope::Icbs(named) = scope {
+            let _ = writeln!(
+                out,
+                "careweave_sharing_named_icbs{{section=\"{section}\"}} {}",
+                named.len()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP careweave_sharing_discloses_existence Whether answers outside the agreement say records exist.\n# TYPE careweave_sharing_discloses_existence gauge\ncareweave_sharing_discloses_existence {}\n# HELP careweave_sharing_since_seconds When the agreement in force took effect (Unix time).\n# TYPE careweave_sharing_since_seconds gauge\ncareweave_sharing_since_seconds {}",
+        u8::from(agreement.disclose_existence),
+        node.sharing_since()
+    );
     for (name, help, value) in [
         (
             "careweave_emergency_access_total",

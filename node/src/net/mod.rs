@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use careweave_protocol::envelope::ProtocolId;
-use careweave_protocol::message::{FetchRequest, LocateRequest, Pointer, WithheldReason};
+use careweave_protocol::message::{FetchRequest, LocateRequest, Pointer, Section, WithheldReason};
 use careweave_protocol::trust::{AcceptedList, Role};
 use careweave_protocol::{OdsCode, PeerIdBytes};
 use futures::StreamExt;
@@ -100,6 +100,10 @@ pub enum IcbOutcome {
     },
     /// Holds nothing for the patient (or nothing it may say).
     NoRecords,
+    /// Its sharing agreement does not share what was asked with this ICB
+    /// (the sections are in [`IcbResult::not_shared`]); whether it holds
+    /// records is not said.
+    NotShared,
     /// Holds records it withheld, with the reasons.
     Withheld(Vec<WithheldReason>),
     /// Did not answer within the deadline.
@@ -116,6 +120,8 @@ pub struct IcbResult {
     pub ods: OdsCode,
     pub name: String,
     pub outcome: IcbOutcome,
+    /// Sections its sharing agreement does not share with this ICB.
+    pub not_shared: Vec<Section>,
 }
 
 /// Why a fetch failed.
@@ -303,6 +309,7 @@ impl NetworkHandle {
                     ods,
                     name,
                     outcome: IcbOutcome::Unreachable("not connected".into()),
+                    not_shared: vec![],
                 });
             }
         }
@@ -317,11 +324,16 @@ impl NetworkHandle {
             .into_iter()
             .zip(prepared)
             .map(|((ods, name), outbound)| async move {
-                let outcome = match outbound {
+                let (outcome, not_shared) = match outbound {
                     Ok(outbound) => self.locate_one(&outbound).await,
-                    Err(e) => IcbOutcome::Refused(e.to_string()),
+                    Err(e) => (IcbOutcome::Refused(e.to_string()), vec![]),
                 };
-                IcbResult { ods, name, outcome }
+                IcbResult {
+                    ods,
+                    name,
+                    outcome,
+                    not_shared,
+                }
             });
         results.extend(futures::future::join_all(asked).await);
         let node = Arc::clone(&self.node);
@@ -335,7 +347,7 @@ impl NetworkHandle {
 
     /// Sends one signed locate and checks the answer. Its audit entry is
     /// written but not yet durable; `locate` syncs once for all answers.
-    async fn locate_one(&self, outbound: &OutboundRequest) -> IcbOutcome {
+    async fn locate_one(&self, outbound: &OutboundRequest) -> (IcbOutcome, Vec<Section>) {
         let answer = self.exchange(outbound).await;
         let now = unix_now();
         match answer {
@@ -343,27 +355,39 @@ impl NetworkHandle {
                 let _ =
                     self.node
                         .record_outbound_failure_deferred(outbound, &failure.to_string(), now);
-                match failure {
+                let outcome = match failure {
                     FetchFailure::TimedOut(_) => IcbOutcome::TimedOut,
                     other => IcbOutcome::Unreachable(other.to_string()),
-                }
+                };
+                (outcome, vec![])
             }
             Ok(bytes) => match self
                 .node
                 .accept_locate_response_deferred(outbound, &bytes, now)
             {
-                Ok(LocateAnswer::Answered(r)) if !r.pointers.is_empty() => IcbOutcome::Pointers {
-                    pointers: r.pointers,
-                    withheld: r.withheld,
-                },
-                Ok(LocateAnswer::Answered(r)) if !r.withheld.is_empty() => {
-                    IcbOutcome::Withheld(r.withheld)
+                Ok(LocateAnswer::Answered(r)) => {
+                    let outcome = if !r.pointers.is_empty() {
+                        IcbOutcome::Pointers {
+                            pointers: r.pointers,
+                            withheld: r.withheld,
+                        }
+                    } else if !r.withheld.is_empty() {
+                        IcbOutcome::Withheld(r.withheld)
+                    } else if !r.not_shared.is_empty() {
+                        IcbOutcome::NotShared
+                    } else {
+                        IcbOutcome::NoRecords
+                    };
+                    (outcome, r.not_shared)
                 }
-                Ok(LocateAnswer::Answered(_)) => IcbOutcome::NoRecords,
-                Ok(LocateAnswer::Refused(e)) => {
-                    IcbOutcome::Refused(format!("{:?}: {}", e.code, e.message))
-                }
-                Err(e) => IcbOutcome::Refused(format!("response not accepted: {e}")),
+                Ok(LocateAnswer::Refused(e)) => (
+                    IcbOutcome::Refused(format!("{:?}: {}", e.code, e.message)),
+                    vec![],
+                ),
+                Err(e) => (
+                    IcbOutcome::Refused(format!("response not accepted: {e}")),
+                    vec![],
+                ),
             },
         }
     }

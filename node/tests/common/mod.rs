@@ -129,6 +129,7 @@ impl Coordinator {
 pub fn config(ods: &str) -> NodeConfig {
     let text = config::template(&OdsCode::parse(ods).unwrap(), &format!("NHS {ods} ICB"))
         .replace("testnet = false", "testnet = true")
+        .replace("\nscope = \"none\"", "\nscope = \"national\"")
         .replace(
             "checkpoint_every_entries = 100",
             "checkpoint_every_entries = 3",
