@@ -44,6 +44,29 @@ pub struct NodeConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub sharing: SharingSection,
+    #[serde(default)]
+    pub transparency: TransparencySection,
+}
+
+/// The public transparency report, `GET /transparency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransparencySection {
+    /// Socket address for a public HTTPS listener that serves only the
+    /// report, with no client certificate; unset, the report is served on
+    /// the clinical API alone. Uses the API's server certificate.
+    pub listen: Option<String>,
+    /// Counts below this are not published.
+    pub suppress_below: u64,
+}
+
+impl Default for TransparencySection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            suppress_below: 5,
+        }
+    }
 }
 
 /// The sharing agreement: who receives this ICB's records (see
@@ -475,6 +498,16 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
         );
     }
     crate::sharing::Agreement::from_config(&config.sharing).map_err(|e| e.to_string())?;
+    let t = &config.transparency;
+    if !(2..=100).contains(&t.suppress_below) {
+        return Err("transparency.suppress_below must be between 2 and 100".into());
+    }
+    if t.listen.is_some() && (api.cert.is_none() || api.key.is_none()) {
+        return Err(
+            "transparency.listen needs api.cert and api.key (the report is served over HTTPS)"
+                .into(),
+        );
+    }
     for category in config.policy.sensitive_codes.keys() {
         if !SENSITIVE_CATEGORIES.contains(&category.as_str()) {
             return Err(format!(
@@ -596,6 +629,16 @@ disclose_existence = false
 # scope = "icbs"
 # icbs = ["QUE", "QM7"]
 
+[transparency]
+# GET /transparency: public counts of the locates and fetches this node
+# answered for other ICBs, per day, by requesting ICB, purpose and outcome,
+# with the sharing agreement and the latest signed audit checkpoint. It names
+# no patient and no member of staff. The clinical API serves it; set listen to
+# also serve it, and nothing else, over HTTPS without a client certificate.
+# listen = "0.0.0.0:8444"
+# Counts below this are not published, so no individual can be singled out.
+suppress_below = 5
+
 [log]
 # "human" or "json".
 format = "human"
@@ -625,6 +668,60 @@ mod tests {
         assert_eq!(loaded.config.store.cache_mb, 16);
         assert_eq!(loaded.store_dir(), dir.path().join("store"));
         assert_eq!(loaded.config.policy.sensitive_codes.len(), 4);
+        // A new node shares with no one until its agreements are in place.
+        assert_eq!(
+            crate::sharing::Agreement::from_config(&loaded.config.sharing).unwrap(),
+            crate::sharing::Agreement::none()
+        );
+        assert_eq!(loaded.config.transparency.suppress_below, 5);
+    }
+
+    #[test]
+    fn a_wrong_sharing_agreement_is_refused_with_its_key_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ods = OdsCode::parse("QHG").unwrap();
+        for (from, to, expected) in [
+            (
+                "scope = \"none\"\nicbs = []",
+                "scope = \"icbs\"\nicbs = []",
+                "sharing: scope \"icbs\" needs at least one ODS code",
+            ),
+            (
+                "scope = \"none\"\nicbs = []",
+                "scope = \"everyone\"\nicbs = []",
+                "everyone",
+            ),
+            (
+                "# [sharing.sections.medications]\n# scope = \"national\"",
+                "[sharing.sections.meds]\nscope = \"national\"",
+                "sharing.sections.meds is not a section",
+            ),
+            (
+                "scope = \"none\"\nicbs = []",
+                "scope = \"icbs\"\nicbs = [\"not an ods code\"]",
+                "sharing",
+            ),
+            ("suppress_below = 5", "suppress_below = 1", "suppress_below"),
+        ] {
+            let text = template(&ods, "NHS Test ICB").replace(from, to);
+            assert!(text.contains(to), "the template changed: {from}");
+            let err = load(&write(dir.path(), &text), []).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err}");
+        }
+        let text = template(&ods, "NHS Test ICB");
+        let loaded = load(
+            &write(dir.path(), &text),
+            [
+                ("CAREWEAVE__SHARING__SCOPE".to_owned(), "icbs".to_owned()),
+                ("CAREWEAVE__SHARING__ICBS".to_owned(), "QUE,QM7".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            loaded.config.sharing.icbs.len(),
+            2,
+            "set from the environment"
+        );
     }
 
     #[test]

@@ -23,3 +23,4 @@ mod segments;
 pub mod sharing;
 pub mod store;
 pub mod strikes;
+pub mod transparency;

@@ -786,6 +786,28 @@ impl Segments {
         }
     }
 
+    /// Entries from `start` on, in order: reading begins at the segment
+    /// holding `start`, so the ones before it cost nothing.
+    pub(crate) fn entries_from(&self, start: u64) -> impl Iterator<Item = EntryItem> + '_ {
+        let firsts = self.firsts();
+        let from = firsts
+            .iter()
+            .rposition(|first| *first <= start)
+            .unwrap_or(0);
+        Entries {
+            segments: self,
+            firsts: firsts.get(from..).unwrap_or_default().to_vec().into_iter(),
+            current: Vec::new().into_iter(),
+            failed: false,
+        }
+        .filter(move |item| item.as_ref().map_or(true, |(index, _, _)| *index >= start))
+    }
+
+    /// The first index of every segment, oldest first.
+    pub(crate) fn segment_starts(&self) -> Vec<u64> {
+        self.firsts()
+    }
+
     fn segment_entries(&self, first: u64) -> Result<Vec<(u64, Vec<u8>, Hash)>, SegmentError> {
         let path = segment_path(&self.dir, first);
         let bytes = self.segment_bytes(first)?;
@@ -960,8 +982,11 @@ pub(crate) struct Entries<'a> {
     failed: bool,
 }
 
+/// One entry read back: its index, bytes and recorded leaf hash.
+pub(crate) type EntryItem = Result<(u64, Vec<u8>, Hash), SegmentError>;
+
 impl Iterator for Entries<'_> {
-    type Item = Result<(u64, Vec<u8>, Hash), SegmentError>;
+    type Item = EntryItem;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {

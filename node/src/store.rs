@@ -789,6 +789,41 @@ impl Store {
             .map(|item| item.map_err(StoreError::from))
     }
 
+    /// Audit entries (index and bytes) from `start` on, in order, reading
+    /// only the segments from the one holding `start`.
+    pub fn audit_entries_from(
+        &self,
+        start: u64,
+    ) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_ {
+        self.audit.entries_from(start).map(|item| {
+            item.map(|(index, bytes, _)| (index, bytes))
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// The first index of each audit segment, oldest first: where reading
+    /// can start cheaply.
+    pub fn audit_segment_starts(&self) -> Vec<u64> {
+        self.audit.segment_starts()
+    }
+
+    /// The newest signed audit checkpoint, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        let pending = self
+            .lock_checkpoints()
+            .last()
+            .map(|(_, bytes)| bytes.clone());
+        if pending.is_some() {
+            return Ok(pending);
+        }
+        Ok(self
+            .checkpoints
+            .iter()
+            .next_back()
+            .transpose()?
+            .map(|(_, value)| value.to_vec()))
+    }
+
     /// The audit entry at `index`.
     pub fn audit_entry(&self, index: u64) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.audit.entry(index)?)

@@ -652,6 +652,7 @@ async fn only_the_right_certificates_get_in() {
     .unwrap();
     assert_eq!(status.status, 200);
     assert_eq!(status.json()["ods"], "QHG");
+    assert_eq!(status.json()["sharing"]["default"]["scope"], "national");
     let metrics = call(
         port,
         &pki,
@@ -673,6 +674,8 @@ async fn only_the_right_certificates_get_in() {
         "careweave_audit_checkpoint_age_seconds",
         "careweave_store_bytes",
         "careweave_api_request_seconds_bucket{kind=\"search\",le=\"+Inf\"}",
+        "careweave_sharing_scope{section=\"care-plans\",scope=\"national\"} 1",
+        "careweave_sharing_discloses_existence 0",
     ] {
         assert!(text.contains(metric), "{metric} missing from {text}");
     }
@@ -813,5 +816,89 @@ async fn admin_publishes_a_list_that_reaches_the_others_and_unreachable_icbs_sho
                 || text.contains("did not answer in time"),
             "{text}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custodian_outside_the_agreement_is_shown_with_its_contact_and_counted_in_public() {
+    use careweave_node::sharing::Agreement;
+    let pki = pki();
+    let c = cluster(&["QHG", "QUE"]).await;
+    let que = Arc::clone(&c.nodes[1].0);
+    load(&que);
+    que.set_sharing(Agreement::none(), careweave_node::net::unix_now());
+    let dir = tempfile::tempdir().unwrap();
+    let port = serve_api(
+        Arc::clone(&c.nodes[0].0),
+        c.nodes[0].1.clone(),
+        &pki,
+        dir.path(),
+    )
+    .await;
+
+    // The clinician sees no pointers, why, and whom to ask.
+    for _ in 0..5 {
+        let found = call(
+            port,
+            &pki,
+            Some(&pki.clinical),
+            "GET",
+            SEARCH,
+            &clinician(),
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert_eq!(found.status, 200);
+        let bundle = found.json();
+        assert_eq!(bundle["total"], 0);
+        let issue = &bundle["entry"][0]["resource"]["issue"][0];
+        assert_eq!(issue["code"], "suppressed");
+        assert_eq!(
+            issue["diagnostics"],
+            "NHS QUE ICB (QUE) has no sharing agreement with ICB QHG for any section. \
+             Contact: scr-que@example.invalid."
+        );
+    }
+
+    // QUE's public report, with no client certificate at all.
+    let public_dir = tempfile::tempdir().unwrap();
+    std::fs::write(public_dir.path().join("cert.pem"), &pki.server.0).unwrap();
+    std::fs::write(public_dir.path().join("key.pem"), &pki.server.1).unwrap();
+    let tls = api::public_tls_config(
+        &public_dir.path().join("cert.pem"),
+        &public_dir.path().join("key.pem"),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public_port = listener.local_addr().unwrap().port();
+    let state = Arc::new(ApiState::new(
+        Arc::clone(&que),
+        c.nodes[1].1.clone(),
+        "https://127.0.0.1".into(),
+    ));
+    tokio::spawn(api::serve_public(listener, tls, state, 8));
+    let report = call(public_port, &pki, None, "GET", "/transparency", &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(report.status, 200);
+    let json = report.json();
+    let rows = json["counts"].as_array().unwrap();
+    assert!(
+        rows.iter().any(|r| r["requesting_icb"] == "QHG"
+            && r["protocol"] == "locate"
+            && r["outcome"] == "not-shared"
+            && r["count"] == 5),
+        "{rows:#?}"
+    );
+    assert_eq!(json["sharing_agreement"]["default"]["scope"], "none");
+    let text = String::from_utf8_lossy(&report.body);
+    assert!(!text.contains("9990000018") && !text.contains("555021935107"));
+    // The public listener serves the report and nothing else.
+    for path in ["/fhir/metadata", "/admin/status", "/metrics"] {
+        let other = call(public_port, &pki, None, "GET", path, &[], vec![])
+            .await
+            .unwrap();
+        assert_eq!(other.status, 404, "{path}");
     }
 }

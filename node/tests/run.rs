@@ -84,7 +84,10 @@ fn member(dir: &Path, ods: &str, port: u16, status: MemberStatus) -> Member {
             })
             .collect::<Vec<_>>(),
         predecessors: vec![],
-        contact: None,
+        contact: Some(format!(
+            "shared-care-records@{}.example.invalid",
+            ods.to_lowercase()
+        )),
     }
 }
 
@@ -266,6 +269,51 @@ fn two_operators_run_nodes_that_find_each_others_records() {
     let out = cli(&a, &args);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("break-glass"));
+
+    // QUE's operator narrows its sharing agreement to QUE alone by editing
+    // the config file; the running node applies it without a restart.
+    let narrowed = std::fs::read_to_string(&b)
+        .unwrap()
+        .replace("\nscope = \"national\"", "\nscope = \"none\"");
+    std::fs::write(&b, narrowed).unwrap();
+    wait_for(
+        "QUE's status shows the narrowed agreement",
+        || {
+            String::from_utf8_lossy(&cli(&b, &["status"]).stdout)
+                .contains("no one outside this ICB: every section")
+        },
+        &logs,
+    );
+    let mut args = vec!["locate", "999 000 0018"];
+    args.extend(requester);
+    let text = String::from_utf8_lossy(&cli(&a, &args).stdout).into_owned();
+    assert!(
+        text.contains("nothing shared with this ICB")
+            && text.contains(
+                "QUE has no sharing agreement with ICB QHG for any section. \
+                 Contact: shared-care-records@que.example.invalid."
+            ),
+        "{text}"
+    );
+    // A config file that no longer loads changes nothing, and says why.
+    let broken = std::fs::read_to_string(&b)
+        .unwrap()
+        .replace("\nscope = \"none\"", "\nscope = \"icbs\"");
+    std::fs::write(&b, broken).unwrap();
+    wait_for(
+        "QUE's log names the refused change",
+        || {
+            std::fs::read_to_string(dir.path().join("que.log"))
+                .unwrap_or_default()
+                .contains("needs at least one ODS code")
+        },
+        &logs,
+    );
+    let text = String::from_utf8_lossy(&cli(&a, &args).stdout).into_owned();
+    assert!(
+        text.contains("QUE has no sharing agreement with ICB QHG for any section"),
+        "the agreement in force stays as it was: {text}"
+    );
 
     // The coordinator suspends QUE; QHG's operator drops the list into the watched file.
     let list2 = coordinator.list_bytes(

@@ -326,3 +326,152 @@ fn disclosing_that_records_exist_is_a_switch_and_never_covers_a_restricted_patie
         "a restricted patient answers exactly like an unknown one"
     );
 }
+
+#[test]
+fn the_transparency_report_counts_what_the_audit_log_holds_and_names_no_one() {
+    use careweave_node::transparency::{self, Tally};
+    let n = net();
+    // Day one: QHG gets six answers and one "no records"; QM7 two.
+    n.que.node.set_sharing(Agreement::national(), T0);
+    for _ in 0..6 {
+        locate(&n.qhg.node, &n.que.node, known(), T0);
+    }
+    locate(&n.qhg.node, &n.que.node, unknown(), T0);
+    locate(&n.qm7.node, &n.que.node, known(), T0);
+    locate(&n.qm7.node, &n.que.node, known(), T0);
+    // Day two: the agreement narrows to QM7; QHG is told "not shared" five times.
+    let day2 = T0 + DAY;
+    n.que.node.set_sharing(
+        agreement(
+            r#"
+            scope = "icbs"
+            icbs = ["QM7"]
+            "#,
+        ),
+        day2,
+    );
+    for _ in 0..5 {
+        locate(&n.qhg.node, &n.que.node, known(), day2);
+    }
+    // Then the patient objects: QM7 is told so.
+    n.que
+        .node
+        .store
+        .set_flags(
+            &known(),
+            &PatientFlags {
+                objected: true,
+                ..PatientFlags::default()
+            },
+        )
+        .unwrap();
+    locate(&n.qm7.node, &n.que.node, known(), day2);
+
+    let now = day2 + 60;
+    let mut tally = Tally::new(transparency::REPORT_DAYS);
+    let report = transparency::report(&n.que.node, &mut tally, 5, now).unwrap();
+
+    // Count the same thing straight from the audit log.
+    let mut expected: std::collections::BTreeMap<(String, String, String), u64> =
+        Default::default();
+    for item in n.que.node.store.audit_entries() {
+        let (_, bytes, _) = item.unwrap();
+        let entry: AuditEntry = cbor::decode(&bytes, Limits::MESSAGE).unwrap();
+        if entry.direction != careweave_node::audit::Direction::Inbound {
+            continue;
+        }
+        let outcome = match entry.outcome.as_str() {
+            "withheld" => format!("withheld:{}", cbor_name(&entry.withheld[0])),
+            other => other.to_owned(),
+        };
+        *expected
+            .entry((
+                transparency::date(entry.time / DAY),
+                entry.peer_ods.unwrap().to_string(),
+                outcome,
+            ))
+            .or_default() += 1;
+    }
+    let rows = report["counts"].as_array().unwrap();
+    assert_eq!(rows.len(), expected.len(), "{rows:#?}");
+    for row in rows {
+        let key = (
+            row["day"].as_str().unwrap().to_owned(),
+            row["requesting_icb"].as_str().unwrap().to_owned(),
+            row["outcome"].as_str().unwrap().to_owned(),
+        );
+        let truth = expected[&key];
+        assert_eq!(row["protocol"], "locate");
+        assert_eq!(row["purpose"], "TREAT");
+        if truth < 5 {
+            assert_eq!(
+                row["count"],
+                serde_json::Value::Null,
+                "{key:?} is suppressed"
+            );
+            assert_eq!(row["suppressed"], true);
+        } else {
+            assert_eq!(row["count"], truth, "{key:?}");
+        }
+    }
+    let day1 = transparency::date(T0 / DAY);
+    assert!(rows.iter().any(|r| r["day"] == day1.as_str()
+        && r["requesting_icb"] == "QHG"
+        && r["outcome"] == "answered"
+        && r["count"] == 6));
+    assert!(
+        rows.iter().any(|r| r["requesting_icb"] == "QHG"
+            && r["outcome"] == "not-shared"
+            && r["count"] == 5)
+    );
+    assert!(rows.iter().any(|r| r["requesting_icb"] == "QM7"
+        && r["outcome"] == "withheld:objection"
+        && r["suppressed"] == true));
+
+    // The agreement in force and the latest signed checkpoint are there.
+    assert_eq!(report["sharing_agreement"]["default"]["icbs"][0], "QM7");
+    assert!(
+        report["audit"]["latest_checkpoint"]["size"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(report["complete"], true);
+
+    // Nothing in it names a patient or a member of staff.
+    let text = report.to_string();
+    for secret in [
+        "9990000018",
+        unknown().digits().as_str(),
+        "555021935107",
+        "555021936108",
+    ] {
+        assert!(!text.contains(secret), "the report contains {secret}");
+    }
+
+    // A later report reads on from where this one stopped.
+    locate(&n.qm7.node, &n.que.node, known(), now);
+    let again = transparency::report(&n.que.node, &mut tally, 5, now + 1).unwrap();
+    let qm7_day2: Vec<_> = again["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["requesting_icb"] == "QM7" && r["day"] != day1.as_str())
+        .collect();
+    assert_eq!(qm7_day2.len(), 1, "{qm7_day2:?}");
+    assert_eq!(qm7_day2[0]["outcome"], "withheld:objection");
+    assert_eq!(
+        qm7_day2[0]["suppressed"], true,
+        "two answers are still too few"
+    );
+    assert_eq!(
+        again["counted_to_entry"],
+        n.que.node.store.audit_len().unwrap()
+    );
+}
+
+/// A withheld reason's wire name.
+fn cbor_name(reason: &WithheldReason) -> String {
+    let bytes = cbor::encode(reason).unwrap();
+    cbor::decode::<String>(&bytes, Limits::MESSAGE).unwrap()
+}

@@ -124,6 +124,8 @@ pub struct ApiState {
     pointers: Mutex<PointerCache>,
     search_latency: Latency,
     records_latency: Latency,
+    /// Counts for the public transparency report, read on from the audit log.
+    transparency: Arc<Mutex<crate::transparency::Tally>>,
 }
 
 /// Pointers by id, and their ids oldest first for eviction.
@@ -892,6 +894,41 @@ async fn admin_status(
     .into_response())
 }
 
+/// The public transparency report. No client certificate is needed on the
+/// public listener, and nothing in it names a patient or a member of staff.
+async fn transparency(State(state): State<Arc<ApiState>>) -> Result<Response, Problem> {
+    let node = Arc::clone(&state.node);
+    let tally = Arc::clone(&state.transparency);
+    let suppress_below = node.config.transparency.suppress_below;
+    let report = tokio::task::spawn_blocking(move || {
+        let mut tally = tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::transparency::report(&node, &mut tally, suppress_below, unix_now())
+    })
+    .await
+    .map_err(|e| {
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_SERVER_ERROR",
+            e.to_string(),
+        )
+    })?
+    .map_err(|e| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SERVICE_UNAVAILABLE",
+            format!("the audit log could not be read: {e}"),
+        )
+    })?;
+    let mut response = Json(report).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    Ok(response)
+}
+
 async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
@@ -1131,10 +1168,39 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/transparency", get(transparency))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(echo_ids))
         .with_state(state)
+}
+
+/// The public listener's routes: the transparency report and nothing else.
+pub fn public_router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/transparency", get(transparency))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(1024))
+        .with_state(state)
+}
+
+/// TLS for the public listener: the API's server certificate, and no
+/// client certificate asked for.
+pub fn public_tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ApiError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read_file(cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_file(key)?)
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ApiError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Serves the API on `listener` until the process ends.
@@ -1145,8 +1211,26 @@ pub async fn serve(
     max_body: usize,
     max_concurrent: usize,
 ) {
+    serve_app(listener, tls, router(state, max_body), max_concurrent).await;
+}
+
+/// Serves the public transparency report on `listener` until the process ends.
+pub async fn serve_public(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    state: Arc<ApiState>,
+    max_concurrent: usize,
+) {
+    serve_app(listener, tls, public_router(state), max_concurrent).await;
+}
+
+async fn serve_app(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    app: Router,
+    max_concurrent: usize,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let app = router(state, max_body);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrent));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
@@ -1221,6 +1305,26 @@ pub async fn start(
         source,
     })?;
     let state = Arc::new(ApiState::new(node, network, format!("https://{addr}")));
+    if let Some(public) = &loaded.config.transparency.listen {
+        let tls = public_tls_config(&loaded.resolve(cert), &loaded.resolve(key))?;
+        let listener = TcpListener::bind(public)
+            .await
+            .map_err(|source| ApiError::Listen {
+                addr: public.clone(),
+                source,
+            })?;
+        let public_addr = listener.local_addr().map_err(|source| ApiError::Listen {
+            addr: public.clone(),
+            source,
+        })?;
+        tokio::spawn(serve_public(
+            listener,
+            tls,
+            Arc::clone(&state),
+            api.max_concurrent,
+        ));
+        tracing::info!(addr = %public_addr, "public transparency report listening (HTTPS, no client certificate)");
+    }
     tokio::spawn(serve(
         listener,
         tls,
@@ -1242,6 +1346,9 @@ impl ApiState {
             pointers: Mutex::new((HashMap::new(), VecDeque::new())),
             search_latency: Latency::default(),
             records_latency: Latency::default(),
+            transparency: Arc::new(Mutex::new(crate::transparency::Tally::new(
+                crate::transparency::REPORT_DAYS,
+            ))),
         }
     }
 }
