@@ -981,8 +981,18 @@ impl Node {
             Ok(view) => view,
             Err(refusal) => return refusal,
         };
+        let agreement = self.sharing();
+        let (requester_ods, predecessors) = (&ex.requester.ods, &ex.requester.predecessors);
+        // Policy sees only what the agreement shares, so nothing it says
+        // (a withheld reason) is about a section the requester may not see.
+        let shared: Vec<StoredRecord> = view
+            .records
+            .iter()
+            .filter(|r| agreement.shares(requester_ods, predecessors, r.section))
+            .cloned()
+            .collect();
         let disclosure =
-            match policy::disclose(context, &view.flags, &view.records, self.policy_settings()) {
+            match policy::disclose(context, &view.flags, &shared, self.policy_settings()) {
                 Ok(d) => d,
                 Err(refusal) => {
                     return self.refuse_exchange(
@@ -999,8 +1009,6 @@ impl Node {
         } else {
             view.records.iter().collect()
         };
-        let agreement = self.sharing();
-        let (requester_ods, predecessors) = (&ex.requester.ods, &ex.requester.predecessors);
         if agreement.shares_nothing_with(requester_ods, predecessors) {
             // The same answer for every pointer, real or not.
             let held_back: Vec<StoredRecord> =
@@ -1013,6 +1021,7 @@ impl Node {
                 &view.flags,
                 Section::ALL.to_vec(),
                 &held_back,
+                disclosure.emergency,
             );
         }
         if let Some(group) = pointers::find(&self.ods, &view.salt, nhs, &all, &request.pointer_id)
@@ -1027,6 +1036,7 @@ impl Node {
                 &view.flags,
                 vec![group.section],
                 &held_back,
+                disclosure.emergency,
             );
         }
         let released_group = pointers::find(
@@ -1088,6 +1098,7 @@ impl Node {
         flags: &crate::store::PatientFlags,
         not_shared: Vec<Section>,
         held_back: &[StoredRecord],
+        emergency: bool,
     ) -> Inbound {
         let agreement = self.sharing();
         let withheld = if agreement.disclose_existence && !flags.restricted && !held_back.is_empty()
@@ -1096,7 +1107,7 @@ impl Node {
         } else {
             vec![]
         };
-        let mut entry = self.audit_entry(ex, (context, nhs), vec![], &withheld, false);
+        let mut entry = self.audit_entry(ex, (context, nhs), vec![], &withheld, emergency);
         record_not_shared(&mut entry, &not_shared);
         entry.reason = truth_untold(ex.requester, flags, held_back);
         self.audited_reply(

@@ -281,6 +281,27 @@ fn sections_can_be_shared_more_or_less_widely_than_the_rest() {
         panic!("refused")
     };
     assert!(!records.is_empty());
+
+    // A shared section opens for QHG, and what it says was withheld is
+    // only about sections QHG may see: not the very restricted care plan.
+    let allergies = qhg
+        .pointers
+        .iter()
+        .find(|p| p.section == Section::Allergies)
+        .unwrap()
+        .id
+        .clone();
+    let FetchAnswer::Records {
+        records,
+        withheld,
+        not_shared,
+        ..
+    } = fetch(&n.qhg.node, &n.que.node, &allergies, T0 + 2)
+    else {
+        panic!("refused")
+    };
+    assert!(!records.is_empty() && not_shared.is_empty());
+    assert_eq!(withheld, vec![WithheldReason::SensitiveCategory]);
 }
 
 #[test]
