@@ -32,6 +32,9 @@ const IMPORT_RECORDS: usize = 20;
 const IMPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often every node's RSS is read.
 const RSS_EVERY: Duration = Duration::from_secs(2);
+/// How often the RSS series takes a point.
+pub const SERIES_EVERY: Duration = Duration::from_secs(10);
+
 /// Largest RSS growth after warm-up that passes.
 const MAX_GROWTH: f64 = 0.10;
 /// Shorter runs report memory but are not judged on it.
@@ -58,6 +61,9 @@ pub struct SoakReport {
     pub import_failures: u64,
     /// Per node: ODS, RSS at the end of warm-up, at the end, and the peak (MiB).
     pub rss: Vec<(String, f64, f64, f64)>,
+    /// Per node: ODS and its RSS (MiB) every [`SERIES_EVERY`], to show
+    /// whether memory levels off or keeps climbing.
+    pub rss_series: Vec<(String, Vec<f64>)>,
     /// Per node: ODS and `audit verify`'s verdict.
     pub audit: Vec<(String, Result<u64, String>)>,
 }
@@ -112,6 +118,10 @@ impl SoakReport {
             "rss_mib": self.rss.iter().map(|(ods, warm, end, peak)| json!({
                 "ods": ods, "after_warm_up": warm, "end": end, "peak": peak,
             })).collect::<Vec<_>>(),
+            "rss_series_every_seconds": SERIES_EVERY.as_secs(),
+            "rss_series_mib": self.rss_series.iter().map(|(ods, series)| json!({
+                "ods": ods, "mib": series,
+            })).collect::<Vec<_>>(),
             "audit": self.audit.iter().map(|(ods, v)| json!({
                 "ods": ods,
                 "entries": v.as_ref().ok(),
@@ -151,8 +161,11 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
     bench::start(&t, say).await?;
     let patients = bench::testnet_patients(&t, PATIENTS_PER_ICB);
     let duration = Duration::from_secs_f64(options.minutes * 60.0);
-    // Warm-up: the first fifth, at most two minutes.
-    let warm_up = (duration / 5).min(Duration::from_secs(120));
+    // Warm-up: the first half, at most ten minutes. Measured: each node's
+    // RSS climbs while sled's caches, the replay cache's live set and the
+    // connection buffers fill (60 000 requests in a test without the
+    // network), and levels off after seven to eight minutes of this load.
+    let warm_up = (duration / 2).min(Duration::from_secs(600));
     let started = Instant::now();
     let until = started + duration;
     let counts = Arc::new(Counts::default());
@@ -206,7 +219,7 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
         task.await.map_err(err)?;
     }
     stop.store(true, Ordering::Relaxed);
-    let rss = sampler
+    let (rss, rss_series) = sampler
         .join()
         .map_err(|_| "the RSS sampler panicked".to_owned())?;
     let seconds = started.elapsed().as_secs_f64();
@@ -226,6 +239,7 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
         imported_records: counts.imported_records.load(Ordering::Relaxed),
         import_failures: counts.import_failures.load(Ordering::Relaxed),
         rss,
+        rss_series,
         audit,
     };
     std::fs::create_dir_all(&options.out).map_err(err)?;
@@ -379,22 +393,35 @@ async fn import_loop(t: Testnet, patients: Vec<NhsNumber>, until: Instant, count
     }
 }
 
+/// One node's RSS readings: at the end of warm-up, the last and the peak
+/// (MiB).
+type RssReadings = Vec<(String, f64, f64, f64)>;
+
 /// Reads every node's RSS until stopped. Per node: RSS at the end of
-/// warm-up, the last reading and the peak, in MiB.
+/// warm-up, the last reading and the peak, in MiB; and a reading every
+/// [`SERIES_EVERY`].
 fn sample_all(
     nodes: &[NodeInfo],
     started: Instant,
     warm_up: Duration,
     stop: &AtomicBool,
-) -> Vec<(String, f64, f64, f64)> {
+) -> (RssReadings, Vec<(String, Vec<f64>)>) {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    let mut seen: Vec<(String, f64, f64, f64)> = nodes
+    let mut seen: RssReadings = nodes
         .iter()
         .map(|n| (n.ods.clone(), 0.0, 0.0, 0.0))
         .collect();
+    let mut series: Vec<(String, Vec<f64>)> =
+        nodes.iter().map(|n| (n.ods.clone(), Vec::new())).collect();
+    let mut next_point = started;
     while !stop.load(Ordering::Relaxed) {
         let warm = started.elapsed() >= warm_up;
-        for (node, slot) in nodes.iter().zip(seen.iter_mut()) {
+        let point = Instant::now() >= next_point;
+        if point {
+            next_point += SERIES_EVERY;
+        }
+        for ((node, slot), (_, points)) in nodes.iter().zip(seen.iter_mut()).zip(series.iter_mut())
+        {
             let Some(rss) = bench::pid(node).and_then(bench::rss_bytes) else {
                 continue;
             };
@@ -404,10 +431,13 @@ fn sample_all(
             }
             slot.2 = rss;
             slot.3 = slot.3.max(rss);
+            if point {
+                points.push((rss * 10.0).round() / 10.0);
+            }
         }
         std::thread::sleep(RSS_EVERY);
     }
-    seen
+    (seen, series)
 }
 
 /// `audit verify` on a stopped node's store: entries on success.
