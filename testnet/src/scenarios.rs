@@ -356,20 +356,20 @@ mod raw {
     use libp2p::swarm::SwarmEvent;
     use libp2p::{Multiaddr, PeerId, StreamProtocol, identity, request_response};
 
-    /// Dials `addr` as `key` and sends each request in turn on the locate
-    /// protocol; returns each answer or failure (waits at most 10 s each).
-    pub(super) async fn requests(
+    type LocateClient = libp2p::Swarm<request_response::Behaviour<FrameCodec>>;
+
+    /// A swarm with `key`'s identity that sends on the locate protocol over
+    /// TCP, TLS and yamux, as a node does.
+    fn locate_client(
         key: identity::Keypair,
-        target: PeerId,
-        addr: Multiaddr,
-        bodies: Vec<Vec<u8>>,
-    ) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        config: request_response::Config,
+    ) -> Result<LocateClient, String> {
         let codec = FrameCodec {
             max_request: 4 << 20,
             max_response: 4 << 20,
             ..FrameCodec::default()
         };
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        Ok(libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
                 libp2p::tcp::Config::default(),
@@ -384,11 +384,22 @@ mod raw {
                         StreamProtocol::new("/careweave/locate/1"),
                         request_response::ProtocolSupport::Outbound,
                     )],
-                    request_response::Config::default(),
+                    config,
                 )
             })
             .map_err(|e| e.to_string())?
-            .build();
+            .build())
+    }
+
+    /// Dials `addr` as `key` and sends each request in turn on the locate
+    /// protocol; returns each answer or failure (waits at most 10 s each).
+    pub(super) async fn requests(
+        key: identity::Keypair,
+        target: PeerId,
+        addr: Multiaddr,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<Vec<u8>, String>>, String> {
+        let mut swarm = locate_client(key, request_response::Config::default())?;
         swarm.add_peer_address(target, addr);
         let mut out = Vec::new();
         for body in bodies {
@@ -421,33 +432,12 @@ mod raw {
         stop: tokio::sync::watch::Receiver<bool>,
         mut seen: impl FnMut(Result<Vec<u8>, String>),
     ) -> Result<(), String> {
-        let codec = FrameCodec {
-            max_request: 4 << 20,
-            max_response: 4 << 20,
-            ..FrameCodec::default()
-        };
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-            .with_tokio()
-            .with_tcp(
-                libp2p::tcp::Config::default(),
-                libp2p::tls::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .map_err(|e| e.to_string())?
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    codec,
-                    [(
-                        StreamProtocol::new("/careweave/locate/1"),
-                        request_response::ProtocolSupport::Outbound,
-                    )],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(10))
-                        .with_max_concurrent_streams(window),
-                )
-            })
-            .map_err(|e| e.to_string())?
-            .build();
+        let mut swarm = locate_client(
+            key,
+            request_response::Config::default()
+                .with_request_timeout(Duration::from_secs(10))
+                .with_max_concurrent_streams(window),
+        )?;
         swarm.add_peer_address(target, addr);
         let mut in_flight = 0;
         loop {

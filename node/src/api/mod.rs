@@ -176,6 +176,18 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ApiError> {
     })
 }
 
+/// The server's certificate chain and key, from PEM files.
+type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn server_identity(cert: &Path, key: &Path) -> Result<ServerIdentity, ApiError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read_file(cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_slice(&read_file(key)?)
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?;
+    Ok((certs, key))
+}
+
 /// The rustls server configuration: our certificate, and client
 /// certificates required from the configured CA.
 pub fn tls_config(
@@ -183,11 +195,7 @@ pub fn tls_config(
     key: &Path,
     client_ca: &Path,
 ) -> Result<rustls::ServerConfig, ApiError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read_file(cert)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_slice(&read_file(key)?)
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?;
+    let (certs, key) = server_identity(cert, key)?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&read_file(client_ca)?) {
         let ca = ca.map_err(|e| ApiError::Tls(format!("{}: {e}", client_ca.display())))?;
@@ -1187,11 +1195,7 @@ pub fn public_router(state: Arc<ApiState>) -> Router {
 /// TLS for the public listener: the API's server certificate, and no
 /// client certificate asked for.
 pub fn public_tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, ApiError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read_file(cert)?)
-        .collect::<Result<_, _>>()
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_slice(&read_file(key)?)
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?;
+    let (certs, key) = server_identity(cert, key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
