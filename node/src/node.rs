@@ -985,12 +985,19 @@ impl Node {
         let (requester_ods, predecessors) = (&ex.requester.ods, &ex.requester.predecessors);
         // Policy sees only what the agreement shares, so nothing it says
         // (a withheld reason) is about a section the requester may not see.
-        let shared: Vec<StoredRecord> = view
-            .records
-            .iter()
-            .filter(|r| agreement.shares(requester_ods, predecessors, r.section))
-            .cloned()
-            .collect();
+        // Sharing everything, the usual case, copies nothing.
+        let shared: std::borrow::Cow<'_, [StoredRecord]> = if agreement
+            .not_shared(requester_ods, predecessors, None)
+            .is_empty()
+        {
+            std::borrow::Cow::Borrowed(&view.records)
+        } else {
+            view.records
+                .iter()
+                .filter(|r| agreement.shares(requester_ods, predecessors, r.section))
+                .cloned()
+                .collect()
+        };
         let disclosure =
             match policy::disclose(context, &view.flags, &shared, self.policy_settings()) {
                 Ok(d) => d,
