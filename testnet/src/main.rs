@@ -129,8 +129,9 @@ struct UpArgs {
     #[arg(long, default_value = "2022", value_parser = ["2022", "2026"])]
     icb_set: String,
     /// Sharing agreements: "mixed" (most national, some only with their
-    /// region's ICBs or for care plans only, the fourth ICB and every tenth
-    /// after it with no one) or "national" (every ICB shares everything).
+    /// region's ICBs or with care plans for their region only, and the
+    /// fourth, eighth, eighteenth… ICB with no one) or "national" (every ICB
+    /// shares everything).
     #[arg(long, default_value = "mixed", value_parser = ["mixed", "national"])]
     sharing: String,
 }
