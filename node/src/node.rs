@@ -434,6 +434,12 @@ impl Node {
 
     /// Why this node is not ready to answer, if it is not.
     pub fn not_ready_reason(&self, now: u64) -> Option<String> {
+        if self.store.health().failed {
+            return Some(
+                "the store's database closed when a write failed (is the disk full?); requests that need it are refused until it opens again"
+                    .to_owned(),
+            );
+        }
         match self.trust().as_deref() {
             None => Some("no trust root is installed".to_owned()),
             Some(TrustState { list: None, .. }) => Some("no trust list is held".to_owned()),

@@ -768,6 +768,22 @@ impl Segments {
         Ok(bytes)
     }
 
+    /// The replay entries and checkpoints in the newest segment, read again
+    /// from its file (written out first): what a database reopened while
+    /// the log stayed open may have lost. Sealed segments need nothing, as
+    /// sealing waits for the database's flush.
+    pub(crate) fn newest_for_database(&self) -> Result<Recovered, SegmentError> {
+        let first = self.lock().first;
+        let bytes = self.segment_bytes(first)?;
+        let path = segment_path(&self.dir, first);
+        let found = scan(&path, &bytes, first, CompactRange::default())?;
+        Ok(Recovered {
+            replay: found.replay,
+            checkpoints: found.checkpoints,
+            cut: 0,
+        })
+    }
+
     /// Every segment's first entry, oldest first, the newest included.
     fn firsts(&self) -> Vec<u64> {
         let mut firsts: Vec<u64> = self.sealed().iter().map(|s| s.first).collect();

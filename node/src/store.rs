@@ -7,8 +7,10 @@
 //! A record and its index entry go in one sled transaction, so a crash
 //! never leaves half.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use careweave_protocol::cbor::{self, Limits};
 use careweave_protocol::message::{Coding, Section};
@@ -39,6 +41,8 @@ const TREE_META: &str = "meta";
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_POINTER_SALT: &[u8] = b"pointer_salt";
+/// When the database was last opened again after a write failure.
+const META_REOPENED: &[u8] = b"reopened_at";
 
 /// Problems with the store.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,13 @@ pub enum StoreError {
     Schema { found: u32, expected: u32 },
     #[error("store I/O failed: {0}")]
     Io(String),
+    #[error(
+        "the store's database closed when a write failed {failed_seconds_ago} s ago ({cause}); it is opened again, without a restart, once writes succeed"
+    )]
+    Closed {
+        failed_seconds_ago: u64,
+        cause: String,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -150,9 +161,11 @@ pub enum WriteOutcome {
     NotFound,
 }
 
-/// The node's database.
-#[derive(Debug, Clone)]
-pub struct Store {
+/// The sled database and its trees. sled keeps the first write error it
+/// meets (a full disk) and fails everything after it, so the store closes
+/// this and opens it again; see [`Store`].
+#[derive(Debug)]
+struct Database {
     db: sled::Db,
     records: sled::Tree,
     patient_index: sled::Tree,
@@ -161,7 +174,91 @@ pub struct Store {
     replay: sled::Tree,
     trust: sled::Tree,
     meta: sled::Tree,
-    flushes: Arc<GroupCommit>,
+    /// Per database, so a flush of a reopened database never counts as
+    /// the flush of a write made to the one it replaced.
+    flushes: GroupCommit,
+}
+
+impl Database {
+    fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| {
+                let message = e.to_string();
+                if message.contains("lock") || message.contains("Resource temporarily unavailable")
+                {
+                    StoreError::Locked {
+                        path: shown.clone(),
+                    }
+                } else {
+                    StoreError::Open {
+                        path: shown.clone(),
+                        message,
+                    }
+                }
+            })?;
+        let tree = |name: &str| db.open_tree(name);
+        Ok(Self {
+            records: tree(TREE_RECORDS)?,
+            patient_index: tree(TREE_PATIENT_INDEX)?,
+            flags: tree(TREE_FLAGS)?,
+            checkpoints: tree(TREE_CHECKPOINTS)?,
+            replay: tree(TREE_REPLAY)?,
+            trust: tree(TREE_TRUST)?,
+            meta: tree(TREE_META)?,
+            db,
+            flushes: GroupCommit::default(),
+        })
+    }
+}
+
+/// After a write failure, when the database is next opened again, and how
+/// long to wait after that attempt fails too.
+#[derive(Debug)]
+struct Reopening {
+    failed_since: Option<Instant>,
+    /// The write failure that closed the database.
+    cause: String,
+    next_attempt: Instant,
+    wait: Duration,
+    /// The closed database, until the operations still using it finish.
+    retiring: Option<Arc<Database>>,
+    reopened: u64,
+}
+
+/// The first attempt to reopen comes this soon after a write failure...
+const FIRST_REOPEN_WAIT: Duration = Duration::from_secs(1);
+/// ...and the wait doubles after each failed attempt, up to this.
+const MAX_REOPEN_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the database is working, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// A write failed and the database has not yet been reopened.
+    pub failed: bool,
+    /// Times the database was reopened after a write failure.
+    pub reopened: u64,
+}
+
+/// The node's database.
+///
+/// A write that fails (a full disk) closes the sled database: every
+/// operation then fails with a clear error, and the next one after a
+/// short wait (1 s, doubling to 30 s) opens it again. A crash-safe reopen
+/// is what a restart would do, so service resumes once space returns,
+/// without one. The audit files stay open throughout; they retry their
+/// own writes.
+#[derive(Debug, Clone)]
+pub struct Store {
+    path: Arc<PathBuf>,
+    cache_bytes: u64,
+    database: Arc<RwLock<Option<Arc<Database>>>>,
+    /// Set when a write failed; checked before every operation.
+    failed: Arc<AtomicBool>,
+    reopening: Arc<Mutex<Reopening>>,
     audit: Arc<Segments>,
     /// Writers of the audit files hold it shared; sealing a segment holds
     /// it alone, so nothing is written between sled's flush and the seal.
@@ -275,26 +372,8 @@ impl Store {
     /// Opens (or creates) the store with the given page cache size.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| {
-                let message = e.to_string();
-                if message.contains("lock") || message.contains("Resource temporarily unavailable")
-                {
-                    StoreError::Locked {
-                        path: shown.clone(),
-                    }
-                } else {
-                    StoreError::Open {
-                        path: shown.clone(),
-                        message,
-                    }
-                }
-            })?;
-        let tree = |name: &str| db.open_tree(name);
-        let schema = Self::read_schema(&db)?;
+        let database = Database::open(path, cache_bytes)?;
+        let schema = Self::read_schema(&database.db)?;
         let audit_dir = path.join(AUDIT_DIR);
         if schema == Some(1) && audit_dir.exists() {
             // A move from schema 1 that did not finish; it starts again.
@@ -304,16 +383,20 @@ impl Store {
             path: shown.clone(),
             message: e.to_string(),
         })?;
+        let now = Instant::now();
         let store = Self {
-            records: tree(TREE_RECORDS)?,
-            patient_index: tree(TREE_PATIENT_INDEX)?,
-            flags: tree(TREE_FLAGS)?,
-            checkpoints: tree(TREE_CHECKPOINTS)?,
-            replay: tree(TREE_REPLAY)?,
-            trust: tree(TREE_TRUST)?,
-            meta: tree(TREE_META)?,
-            db,
-            flushes: Arc::new(GroupCommit::default()),
+            path: Arc::new(path.to_path_buf()),
+            cache_bytes,
+            database: Arc::new(RwLock::new(Some(Arc::new(database)))),
+            failed: Arc::new(AtomicBool::new(false)),
+            reopening: Arc::new(Mutex::new(Reopening {
+                failed_since: None,
+                cause: String::new(),
+                next_attempt: now,
+                wait: FIRST_REOPEN_WAIT,
+                retiring: None,
+                reopened: 0,
+            })),
             audit: Arc::new(segments),
             audit_gate: Arc::new(RwLock::new(())),
             audit_syncs: Arc::new(GroupCommit::default()),
@@ -322,7 +405,7 @@ impl Store {
         match schema {
             None => store.initialise()?,
             Some(1) => store.move_audit_from_v1(path)?,
-            Some(SCHEMA_VERSION) => store.restore(recovered)?,
+            Some(SCHEMA_VERSION) => store.with_database(|db| store.restore(db, recovered))?,
             Some(found) => {
                 return Err(StoreError::Schema {
                     found,
@@ -344,30 +427,31 @@ impl Store {
     }
 
     fn initialise(&self) -> Result<(), StoreError> {
-        self.meta
-            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-        let mut salt = [0u8; 32];
-        getrandom::fill(&mut salt).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.meta.insert(META_POINTER_SALT, &salt)?;
-        self.flush()
+        self.with_database(|db| {
+            db.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            let mut salt = [0u8; 32];
+            getrandom::fill(&mut salt).map_err(|e| StoreError::Io(e.to_string()))?;
+            db.meta.insert(META_POINTER_SALT, &salt)?;
+            self.flush_database(db)
+        })
     }
 
     /// Writes back into sled the replay-cache entries and checkpoints that
     /// the newest audit segment holds and a crash may have cost sled.
-    fn restore(&self, recovered: Recovered) -> Result<(), StoreError> {
+    fn restore(&self, db: &Database, recovered: Recovered) -> Result<(), StoreError> {
         for (key, expires) in &recovered.replay {
-            let _ = self.replay.compare_and_swap(
+            let _ = db.replay.compare_and_swap(
                 key.as_slice(),
                 None as Option<&[u8]>,
                 Some(&expires.to_be_bytes()[..]),
             )?;
         }
         for (size, signed) in &recovered.checkpoints {
-            self.checkpoints
+            db.checkpoints
                 .insert(size.to_be_bytes(), signed.as_slice())?;
         }
         if recovered.cut > 0 || !recovered.replay.is_empty() || !recovered.checkpoints.is_empty() {
-            self.flush()?;
+            self.flush_database(db)?;
         }
         Ok(())
     }
@@ -376,9 +460,13 @@ impl Store {
     /// segment files, then drops the trees. Safe to interrupt: the schema
     /// stays 1 until the move is durable, and a new attempt starts over.
     fn move_audit_from_v1(&self, path: &Path) -> Result<(), StoreError> {
-        let entries = self.db.open_tree(V1_TREE_AUDIT)?;
-        let leaves = self.db.open_tree(V1_TREE_AUDIT_LEAVES)?;
-        let by_patient = self.db.open_tree(V1_TREE_AUDIT_BY_PATIENT)?;
+        self.with_database(|db| self.move_audit_from_v1_in(db, path))
+    }
+
+    fn move_audit_from_v1_in(&self, db: &Database, path: &Path) -> Result<(), StoreError> {
+        let entries = db.db.open_tree(V1_TREE_AUDIT)?;
+        let leaves = db.db.open_tree(V1_TREE_AUDIT_LEAVES)?;
+        let by_patient = db.db.open_tree(V1_TREE_AUDIT_BY_PATIENT)?;
         let mut patients = std::collections::HashMap::new();
         for item in by_patient.iter() {
             let (key, _) = item?;
@@ -402,7 +490,7 @@ impl Store {
             self.append_audit(index, &entry, &leaf, patients.get(&index))?;
             moved += 1;
             if moved.is_multiple_of(1024) {
-                self.sync_audit()?;
+                self.sync_audit_in(db)?;
             }
         }
         // The schema 1 journal held entries and replay-cache writes that
@@ -422,7 +510,7 @@ impl Store {
                         moved += 1;
                     }
                     LogRecord::Replay { key, expires } => {
-                        let _ = self.replay.compare_and_swap(
+                        let _ = db.replay.compare_and_swap(
                             key,
                             None as Option<&[u8]>,
                             Some(&expires.to_be_bytes()[..]),
@@ -432,17 +520,16 @@ impl Store {
                 }
             }
         }
-        self.sync_audit()?;
+        self.sync_audit_in(db)?;
         for tree in [
             V1_TREE_AUDIT,
             V1_TREE_AUDIT_LEAVES,
             V1_TREE_AUDIT_BY_PATIENT,
         ] {
-            self.db.drop_tree(tree)?;
+            db.db.drop_tree(tree)?;
         }
-        self.meta
-            .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-        self.flush()?;
+        db.meta.insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        self.flush_database(db)?;
         if journal.exists() {
             std::fs::remove_file(&journal)?;
         }
@@ -457,9 +544,13 @@ impl Store {
     /// survives a process crash; see decision 0002 for power loss), the
     /// audit files included. Concurrent callers share flushes (group commit).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.flushes.commit(|| {
-            self.sync_audit_files()?;
-            self.db.flush()?;
+        self.with_database(|db| self.flush_database(db))
+    }
+
+    fn flush_database(&self, db: &Database) -> Result<(), StoreError> {
+        db.flushes.commit(|| {
+            self.sync_audit_files(db)?;
+            db.db.flush()?;
             Ok(())
         })
     }
@@ -469,28 +560,32 @@ impl Store {
     /// concurrent callers), then puts the checkpoints it covered into sled.
     /// Seals the segment once it is full.
     pub fn sync_audit(&self) -> Result<(), StoreError> {
-        self.sync_audit_files()?;
+        self.with_database(|db| self.sync_audit_in(db))
+    }
+
+    fn sync_audit_in(&self, db: &Database) -> Result<(), StoreError> {
+        self.sync_audit_files(db)?;
         if self.audit.active_len() > SEGMENT_LIMIT {
-            self.seal_audit_segment()?;
+            self.seal_audit_segment(db)?;
         }
         Ok(())
     }
 
-    fn sync_audit_files(&self) -> Result<(), StoreError> {
+    fn sync_audit_files(&self, db: &Database) -> Result<(), StoreError> {
         let waiting = std::mem::take(&mut *self.lock_checkpoints());
         if let Err(e) = self.audit_syncs.commit(|| self.audit.sync()) {
             self.lock_checkpoints().extend(waiting);
             return Err(e.into());
         }
         for (size, signed) in waiting {
-            self.checkpoints.insert(size.to_be_bytes(), signed)?;
+            db.checkpoints.insert(size.to_be_bytes(), signed)?;
         }
         Ok(())
     }
 
     /// Makes sled durable and seals the newest audit segment, with writers
     /// held off meanwhile.
-    fn seal_audit_segment(&self) -> Result<(), StoreError> {
+    fn seal_audit_segment(&self, db: &Database) -> Result<(), StoreError> {
         let _alone = self
             .audit_gate
             .write()
@@ -498,7 +593,7 @@ impl Store {
         if self.audit.active_len() <= SEGMENT_LIMIT {
             return Ok(()); // Another caller sealed it first.
         }
-        self.flush()?;
+        self.flush_database(db)?;
         self.audit.seal()?;
         Ok(())
     }
@@ -515,13 +610,173 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn lock_reopening(&self) -> std::sync::MutexGuard<'_, Reopening> {
+        self.reopening
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The database, opened again first if a write failed and the wait
+    /// since is over.
+    fn database(&self) -> Result<Arc<Database>, StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            self.reopen()?;
+        }
+        self.database
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| self.closed_error())
+    }
+
+    /// Runs `op` on the database. An I/O failure marks the database for
+    /// reopening, since sled fails everything after its first write error.
+    fn with_database<T>(
+        &self,
+        op: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let database = self.database()?;
+        let result = op(&database);
+        drop(database);
+        if let Err(StoreError::Io(message)) = &result {
+            self.write_failed(message);
+        }
+        result
+    }
+
+    fn write_failed(&self, message: &str) {
+        let mut reopening = self.lock_reopening();
+        if reopening.failed_since.is_none() {
+            let now = Instant::now();
+            tracing::error!(
+                error = message,
+                retry_in_seconds = reopening.wait.as_secs(),
+                "a store write failed (is the disk full?); the database will be closed and opened again once writes succeed, and until then requests that need it are refused"
+            );
+            reopening.failed_since = Some(now);
+            message.clone_into(&mut reopening.cause);
+            reopening.next_attempt = now + reopening.wait;
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    fn closed_error(&self) -> StoreError {
+        Self::closed_error_of(&self.lock_reopening(), Instant::now())
+    }
+
+    fn closed_error_of(reopening: &Reopening, now: Instant) -> StoreError {
+        StoreError::Closed {
+            failed_seconds_ago: reopening
+                .failed_since
+                .map_or(0, |t| now.duration_since(t).as_secs()),
+            cause: reopening.cause.clone(),
+        }
+    }
+
+    /// Closes the failed database and opens it again, as a restart would:
+    /// sled recovers from its log and the newest audit segment gives back
+    /// the replay entries and checkpoints it may have lost. One caller
+    /// tries at a time, and not before the wait is over.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let Ok(mut reopening) = self.reopening.try_lock() else {
+            // Another caller is reopening it; that caller holds the lock.
+            return Err(StoreError::Closed {
+                failed_seconds_ago: 0,
+                cause: "being opened again now".into(),
+            });
+        };
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(()); // Another caller reopened it.
+        }
+        let now = Instant::now();
+        let closed = Self::closed_error_of(&reopening, now);
+        if now < reopening.next_attempt {
+            return Err(closed);
+        }
+        // From here on no new operation gets the failed database...
+        let taken = self
+            .database
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(old) = taken {
+            reopening.retiring = Some(old);
+        }
+        // ...and sled lets go of its files once the last one using it ends.
+        if let Some(old) = reopening.retiring.take()
+            && let Err(old) = Arc::try_unwrap(old)
+        {
+            reopening.retiring = Some(old);
+            reopening.next_attempt = now + Duration::from_millis(50);
+            return Err(closed);
+        }
+        match self.open_again() {
+            Ok(database) => {
+                *self
+                    .database
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(database));
+                tracing::warn!(
+                    closed_for_seconds = reopening
+                        .failed_since
+                        .map_or(0, |t| now.duration_since(t).as_secs()),
+                    "the store's database was opened again after a write failure; service resumes"
+                );
+                reopening.reopened += 1;
+                reopening.failed_since = None;
+                reopening.wait = FIRST_REOPEN_WAIT;
+                self.failed.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                reopening.wait = (reopening.wait * 2).min(MAX_REOPEN_WAIT);
+                reopening.next_attempt = now + reopening.wait;
+                tracing::warn!(
+                    error = %e,
+                    retry_in_seconds = reopening.wait.as_secs(),
+                    "the store's database could not be opened again yet"
+                );
+                Err(closed)
+            }
+        }
+    }
+
+    /// Opens the database again and proves it takes a write.
+    fn open_again(&self) -> Result<Database, StoreError> {
+        let database = Database::open(&self.path, self.cache_bytes)?;
+        let recovered = self.audit.newest_for_database()?;
+        self.restore(&database, recovered)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        database.meta.insert(META_REOPENED, &now.to_be_bytes())?;
+        self.flush_database(&database)?;
+        Ok(database)
+    }
+
+    /// Whether the database is working.
+    /// Asking also opens a failed database again once its wait is over, so
+    /// a node that nothing else touches still recovers.
+    pub fn health(&self) -> StoreHealth {
+        if self.failed.load(Ordering::Acquire) {
+            let _ = self.database();
+        }
+        let reopening = self.lock_reopening();
+        StoreHealth {
+            failed: reopening.failed_since.is_some(),
+            reopened: reopening.reopened,
+        }
+    }
+
     /// A per-store random salt for opaque pointer ids.
     pub fn pointer_salt(&self) -> Result<[u8; 32], StoreError> {
-        let bytes = self
-            .meta
-            .get(META_POINTER_SALT)?
-            .ok_or_else(|| corrupt("pointer salt is missing"))?;
-        bytes.as_ref().try_into().map_err(corrupt)
+        self.with_database(|db| {
+            let bytes = db
+                .meta
+                .get(META_POINTER_SALT)?
+                .ok_or_else(|| corrupt("pointer salt is missing"))?;
+            bytes.as_ref().try_into().map_err(corrupt)
+        })
     }
 
     // Records.
@@ -532,19 +787,33 @@ impl Store {
         resource_type: &str,
         id: &str,
     ) -> Result<Option<StoredRecord>, StoreError> {
-        self.records
-            .get(record_key(resource_type, id))?
-            .map(|b| decode_record(&b))
-            .transpose()
+        self.with_database(|db| {
+            db.records
+                .get(record_key(resource_type, id))?
+                .map(|b| decode_record(&b))
+                .transpose()
+        })
     }
 
     /// Applies a batch of record writes atomically, then flushes. Returns
     /// what each write did, in order.
     pub fn write_records(&self, writes: &[RecordWrite]) -> Result<Vec<WriteOutcome>, StoreError> {
         let encoded = encode_writes(writes)?;
-        let outcomes = (&self.records, &self.patient_index).transaction(|(records, index)| {
+        self.with_database(|db| {
+            let outcomes = Self::write_records_in(db, writes, &encoded)?;
+            self.flush_database(db)?;
+            Ok(outcomes)
+        })
+    }
+
+    fn write_records_in(
+        db: &Database,
+        writes: &[RecordWrite],
+        encoded: &[Option<Vec<u8>>],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        let outcomes = (&db.records, &db.patient_index).transaction(|(records, index)| {
             let mut outcomes = Vec::with_capacity(writes.len());
-            for (write, bytes) in writes.iter().zip(&encoded) {
+            for (write, bytes) in writes.iter().zip(encoded) {
                 let key = match write {
                     RecordWrite::Put(r) => r.key(),
                     RecordWrite::Remove { resource_type, id } => record_key(resource_type, id),
@@ -577,7 +846,6 @@ impl Store {
             }
             Ok(outcomes)
         })?;
-        self.flush()?;
         Ok(outcomes)
     }
 
@@ -585,50 +853,59 @@ impl Store {
     pub fn patient_records(&self, nhs: &NhsNumber) -> Result<Vec<StoredRecord>, StoreError> {
         let mut prefix = nhs.digits().into_bytes();
         prefix.push(b'/');
-        let mut out = Vec::new();
-        for item in self.patient_index.scan_prefix(&prefix) {
-            let (key, _) = item?;
-            let record_key = key
-                .get(prefix.len()..)
-                .ok_or_else(|| corrupt("index key"))?;
-            match self.records.get(record_key)? {
-                Some(bytes) => out.push(decode_record(&bytes)?),
-                None => return Err(corrupt("index names a missing record")),
+        self.with_database(|db| {
+            let mut out = Vec::new();
+            for item in db.patient_index.scan_prefix(&prefix) {
+                let (key, _) = item?;
+                let record_key = key
+                    .get(prefix.len()..)
+                    .ok_or_else(|| corrupt("index key"))?;
+                match db.records.get(record_key)? {
+                    Some(bytes) => out.push(decode_record(&bytes)?),
+                    None => return Err(corrupt("index names a missing record")),
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0) + self.audit.size_on_disk()
+        let database = self.database().ok();
+        database.map_or(0, |db| db.db.size_on_disk().unwrap_or(0)) + self.audit.size_on_disk()
     }
 
-    /// Number of records held.
+    /// Number of records held (0 while the database is closed).
     pub fn record_count(&self) -> usize {
-        self.records.len()
+        self.database().map_or(0, |db| db.records.len())
     }
 
     /// Number of patients with at least one record.
     pub fn patient_count(&self) -> Result<usize, StoreError> {
-        let mut count = 0;
-        let mut last: Option<Vec<u8>> = None;
-        for item in self.patient_index.iter() {
-            let (key, _) = item?;
-            let nhs = key.get(..10).ok_or_else(|| corrupt("index key"))?.to_vec();
-            if last.as_ref() != Some(&nhs) {
-                count += 1;
-                last = Some(nhs);
+        self.with_database(|db| {
+            let mut count = 0;
+            let mut last: Option<Vec<u8>> = None;
+            for item in db.patient_index.iter() {
+                let (key, _) = item?;
+                let nhs = key.get(..10).ok_or_else(|| corrupt("index key"))?.to_vec();
+                if last.as_ref() != Some(&nhs) {
+                    count += 1;
+                    last = Some(nhs);
+                }
             }
-        }
-        Ok(count)
+            Ok(count)
+        })
     }
 
     /// Checks that records and the patient index agree and every record
     /// decodes: what a crash must never break. Returns the record count.
     pub fn check_consistency(&self) -> Result<usize, StoreError> {
+        self.with_database(Self::check_consistency_in)
+    }
+
+    fn check_consistency_in(db: &Database) -> Result<usize, StoreError> {
         let mut records = 0;
-        for item in self.records.iter() {
+        for item in db.records.iter() {
             let (key, bytes) = item?;
             let record = decode_record(&bytes)?;
             if record.key().as_bytes() != key.as_ref() {
@@ -637,7 +914,7 @@ impl Store {
                     String::from_utf8_lossy(&key)
                 )));
             }
-            if !self
+            if !db
                 .patient_index
                 .contains_key(patient_key(&record.nhs_number, &record.key()))?
             {
@@ -649,10 +926,10 @@ impl Store {
             records += 1;
         }
         let mut indexed = 0;
-        for item in self.patient_index.iter() {
+        for item in db.patient_index.iter() {
             let (key, _) = item?;
             let record_key = key.get(11..).ok_or_else(|| corrupt("index key"))?;
-            if !self.records.contains_key(record_key)? {
+            if !db.records.contains_key(record_key)? {
                 return Err(corrupt(format!(
                     "index names missing record {}",
                     String::from_utf8_lossy(record_key)
@@ -672,21 +949,25 @@ impl Store {
 
     /// A patient's flags (default: none).
     pub fn flags(&self, nhs: &NhsNumber) -> Result<PatientFlags, StoreError> {
-        self.flags
-            .get(nhs.digits())?
-            .map(|b| decode(&b))
-            .transpose()
-            .map(Option::unwrap_or_default)
+        self.with_database(|db| {
+            db.flags
+                .get(nhs.digits())?
+                .map(|b| decode(&b))
+                .transpose()
+                .map(Option::unwrap_or_default)
+        })
     }
 
     /// Sets a patient's flags, flushed before returning.
     pub fn set_flags(&self, nhs: &NhsNumber, flags: &PatientFlags) -> Result<(), StoreError> {
-        if flags.restricted || flags.objected {
-            self.flags.insert(nhs.digits(), encode(flags)?)?;
-        } else {
-            self.flags.remove(nhs.digits())?;
-        }
-        self.flush()
+        self.with_database(|db| {
+            if flags.restricted || flags.objected {
+                db.flags.insert(nhs.digits(), encode(flags)?)?;
+            } else {
+                db.flags.remove(nhs.digits())?;
+            }
+            self.flush_database(db)
+        })
     }
 
     // Replay cache.
@@ -703,49 +984,55 @@ impl Store {
         let mut key = iss.as_str().as_bytes().to_vec();
         key.push(0);
         key.extend_from_slice(cti);
-        let _gate = self.shared_gate();
-        let inserted = self.replay.compare_and_swap(
-            key.clone(),
-            None as Option<&[u8]>,
-            Some(&expires.to_be_bytes()[..]),
-        )?;
-        if inserted.is_err() {
-            return Ok(true);
-        }
-        self.audit.append(&LogRecord::Replay { key, expires })?;
-        Ok(false)
+        self.with_database(|db| {
+            let _gate = self.shared_gate();
+            let inserted = db.replay.compare_and_swap(
+                key.clone(),
+                None as Option<&[u8]>,
+                Some(&expires.to_be_bytes()[..]),
+            )?;
+            if inserted.is_err() {
+                return Ok(true);
+            }
+            self.audit.append(&LogRecord::Replay { key, expires })?;
+            Ok(false)
+        })
     }
 
     /// Drops replay entries that expired before `before`. Returns how many.
     pub fn purge_replay(&self, before: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for item in self.replay.iter() {
-            let (key, value) = item?;
-            let raw: [u8; 8] = value.as_ref().try_into().map_err(corrupt)?;
-            if u64::from_be_bytes(raw) < before {
-                self.replay.remove(key)?;
-                removed += 1;
+        self.with_database(|db| {
+            let mut removed = 0;
+            for item in db.replay.iter() {
+                let (key, value) = item?;
+                let raw: [u8; 8] = value.as_ref().try_into().map_err(corrupt)?;
+                if u64::from_be_bytes(raw) < before {
+                    db.replay.remove(key)?;
+                    removed += 1;
+                }
             }
-        }
-        Ok(removed)
+            Ok(removed)
+        })
     }
 
-    /// Number of live replay entries.
+    /// Number of live replay entries (0 while the database is closed).
     pub fn replay_len(&self) -> usize {
-        self.replay.len()
+        self.database().map_or(0, |db| db.replay.len())
     }
 
     // Trust state.
 
     /// Stored trust bytes under `name` (`root` or `list`).
     pub fn trust_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.trust.get(name)?.map(|b| b.to_vec()))
+        self.with_database(|db| Ok(db.trust.get(name)?.map(|b| b.to_vec())))
     }
 
     /// Stores trust bytes, flushed before returning.
     pub fn set_trust_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.trust.insert(name, bytes)?;
-        self.flush()
+        self.with_database(|db| {
+            db.trust.insert(name, bytes)?;
+            self.flush_database(db)
+        })
     }
 
     // Audit log.
@@ -816,12 +1103,14 @@ impl Store {
         if pending.is_some() {
             return Ok(pending);
         }
-        Ok(self
-            .checkpoints
-            .iter()
-            .next_back()
-            .transpose()?
-            .map(|(_, value)| value.to_vec()))
+        self.with_database(|db| {
+            Ok(db
+                .checkpoints
+                .iter()
+                .next_back()
+                .transpose()?
+                .map(|(_, value)| value.to_vec()))
+        })
     }
 
     /// The audit entry at `index`.
@@ -849,14 +1138,15 @@ impl Store {
 
     /// Every checkpoint, by size.
     pub fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut all: Vec<(u64, Vec<u8>)> = self
-            .checkpoints
-            .iter()
-            .map(|item| {
-                let (key, value) = item?;
-                Ok((index_of(&key)?, value.to_vec()))
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let mut all: Vec<(u64, Vec<u8>)> = self.with_database(|db| {
+            db.checkpoints
+                .iter()
+                .map(|item| {
+                    let (key, value) = item?;
+                    Ok((index_of(&key)?, value.to_vec()))
+                })
+                .collect::<Result<_, StoreError>>()
+        })?;
         all.extend(self.lock_checkpoints().iter().cloned());
         all.sort_by_key(|(size, _)| *size);
         all.dedup_by_key(|(size, _)| *size);
@@ -942,20 +1232,33 @@ mod tests {
         store
             .write_records(&[RecordWrite::Put(big.clone())])
             .unwrap();
-        let held = store.records.get(big.key()).unwrap().unwrap();
+        let held = store
+            .database()
+            .unwrap()
+            .records
+            .get(big.key())
+            .unwrap()
+            .unwrap();
         assert!(held.starts_with(&ZSTD_MAGIC));
         assert!(held.len() < big.signed.len() / 2, "{} bytes", held.len());
         assert_eq!(store.record("Condition", "c1").unwrap(), Some(big));
         // Schema 1 wrote plain CBOR.
         let plain = record("9990000018", "c2");
         store
+            .database()
+            .unwrap()
             .records
             .insert(plain.key(), encode(&plain).unwrap())
             .unwrap();
         assert_eq!(store.record("Condition", "c2").unwrap(), Some(plain));
         // A frame that claims more than a record may hold is refused.
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_RECORD_BYTES + 1], 1).unwrap();
-        store.records.insert("Condition/c3", bomb).unwrap();
+        store
+            .database()
+            .unwrap()
+            .records
+            .insert("Condition/c3", bomb)
+            .unwrap();
         assert!(matches!(
             store.record("Condition", "c3"),
             Err(StoreError::Corrupt(_))
@@ -967,7 +1270,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), 1 << 20).unwrap();
-            store.meta.insert(META_SCHEMA, &7u32.to_be_bytes()).unwrap();
+            store
+                .database()
+                .unwrap()
+                .meta
+                .insert(META_SCHEMA, &7u32.to_be_bytes())
+                .unwrap();
             store.flush().unwrap();
         }
         let err = Store::open(dir.path(), 1 << 20).unwrap_err();
@@ -1116,6 +1424,8 @@ mod tests {
         assert!(!dir.path().join(V1_JOURNAL_FILE).exists());
         assert!(
             !store
+                .database()
+                .unwrap()
                 .db
                 .tree_names()
                 .iter()
@@ -1125,7 +1435,10 @@ mod tests {
         // Opened again, it is an ordinary schema 2 store.
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(store.audit_len().unwrap(), 4);
-        assert_eq!(Store::read_schema(&store.db).unwrap(), Some(SCHEMA_VERSION));
+        assert_eq!(
+            Store::read_schema(&store.database().unwrap().db).unwrap(),
+            Some(SCHEMA_VERSION)
+        );
     }
 
     #[test]
@@ -1142,6 +1455,60 @@ mod tests {
         );
         assert_eq!(store.purge_replay(101).unwrap(), 2);
         assert!(!store.seen_before(&ods, &[1; 16], 200).unwrap());
+    }
+
+    #[test]
+    fn a_failed_database_is_refused_then_opened_again_with_nothing_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let ods = OdsCode::parse("QHG").unwrap();
+        store
+            .write_records(&[RecordWrite::Put(record("9990000018", "c1"))])
+            .unwrap();
+        // A replay entry made durable only in the audit files, as an
+        // answered request's is.
+        assert!(!store.seen_before(&ods, &[1; 16], 100).unwrap());
+        store.sync_audit().unwrap();
+
+        store.write_failed("No space left on device (os error 28)");
+        assert!(store.health().failed);
+        let Err(StoreError::Closed { cause, .. }) = store.record("Condition", "c1") else {
+            panic!("a failed database still answered");
+        };
+        assert!(cause.contains("No space left"), "{cause}");
+
+        // A clone in use elsewhere (another request) keeps the old database
+        // open; the reopen waits for it and loses nothing meanwhile.
+        let held = store.database.read().unwrap().clone();
+        std::thread::sleep(FIRST_REOPEN_WAIT);
+        assert!(matches!(
+            store.record("Condition", "c1"),
+            Err(StoreError::Closed { .. })
+        ));
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            match store.record("Condition", "c1") {
+                Ok(found) => break found,
+                Err(StoreError::Closed { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("not reopened: {e}"),
+            }
+        };
+        assert_eq!(found, Some(record("9990000018", "c1")));
+        assert_eq!(
+            store.health(),
+            StoreHealth {
+                failed: false,
+                reopened: 1
+            }
+        );
+        assert!(
+            store.seen_before(&ods, &[1; 16], 100).unwrap(),
+            "a replay got through"
+        );
+        assert_eq!(store.check_consistency().unwrap(), 1);
     }
 
     #[test]

@@ -729,7 +729,9 @@ async fn import(
             return Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "SERVICE_UNAVAILABLE",
-                format!("the store could not be written, nothing was stored: {e}"),
+                format!(
+                    "the store could not be written, so the Bundle was not acknowledged; send it again once the node is ready (the same resources replace themselves, never duplicate): {e}"
+                ),
             ));
         }
         Err(e) => {
@@ -898,6 +900,8 @@ async fn admin_status(
         "not_ready_reason": state.node.not_ready_reason(now),
         "sharing": state.node.sharing().to_json(),
         "sharing_since": state.node.sharing_since(),
+        "store_failed": state.node.store.health().failed,
+        "store_reopened": state.node.store.health().reopened,
     }))
     .into_response())
 }
@@ -1014,10 +1018,21 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         "Bytes the store takes on disk.",
         node.store.size_on_disk().to_string(),
     );
+    let store = node.store.health();
+    gauge(
+        "careweave_store_failed",
+        "1 while the store's database is closed after a write failure (a full disk).",
+        u8::from(store.failed).to_string(),
+    );
     gauge(
         "careweave_ready",
         "1 when the node answers requests.",
         u8::from(node.not_ready_reason(now).is_none()).to_string(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP careweave_store_reopened_total Times the store's database was opened again after a write failure.\n# TYPE careweave_store_reopened_total counter\ncareweave_store_reopened_total {}",
+        store.reopened
     );
     let _ = writeln!(
         out,
