@@ -8,7 +8,7 @@
 //! never leaves half.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -226,7 +226,6 @@ struct Reopening {
     wait: Duration,
     /// The closed database, until the operations still using it finish.
     retiring: Option<Arc<Database>>,
-    reopened: u64,
 }
 
 /// The first attempt to reopen comes this soon after a write failure...
@@ -258,7 +257,10 @@ pub struct Store {
     database: Arc<RwLock<Option<Arc<Database>>>>,
     /// Set when a write failed; checked before every operation.
     failed: Arc<AtomicBool>,
+    /// Held only by the one caller reopening, or briefly to note a failure;
+    /// others never wait for it.
     reopening: Arc<Mutex<Reopening>>,
+    reopened: Arc<AtomicU64>,
     audit: Arc<Segments>,
     /// Writers of the audit files hold it shared; sealing a segment holds
     /// it alone, so nothing is written between sled's flush and the seal.
@@ -395,8 +397,8 @@ impl Store {
                 next_attempt: now,
                 wait: FIRST_REOPEN_WAIT,
                 retiring: None,
-                reopened: 0,
             })),
+            reopened: Arc::new(AtomicU64::new(0)),
             audit: Arc::new(segments),
             audit_gate: Arc::new(RwLock::new(())),
             audit_syncs: Arc::new(GroupCommit::default()),
@@ -610,10 +612,14 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn lock_reopening(&self) -> std::sync::MutexGuard<'_, Reopening> {
-        self.reopening
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The reopening state, unless a reopen holds it (then `None`: the
+    /// caller does not wait for a database to open).
+    fn try_lock_reopening(&self) -> Option<std::sync::MutexGuard<'_, Reopening>> {
+        match self.reopening.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// The database, opened again first if a write failed and the wait
@@ -645,7 +651,10 @@ impl Store {
     }
 
     fn write_failed(&self, message: &str) {
-        let mut reopening = self.lock_reopening();
+        // A reopen under way is dealing with it already.
+        let Some(mut reopening) = self.try_lock_reopening() else {
+            return;
+        };
         if reopening.failed_since.is_none() {
             let now = Instant::now();
             tracing::error!(
@@ -661,7 +670,17 @@ impl Store {
     }
 
     fn closed_error(&self) -> StoreError {
-        Self::closed_error_of(&self.lock_reopening(), Instant::now())
+        match self.try_lock_reopening() {
+            Some(reopening) => Self::closed_error_of(&reopening, Instant::now()),
+            None => Self::being_reopened(),
+        }
+    }
+
+    fn being_reopened() -> StoreError {
+        StoreError::Closed {
+            failed_seconds_ago: 0,
+            cause: "it is being opened again now".into(),
+        }
     }
 
     fn closed_error_of(reopening: &Reopening, now: Instant) -> StoreError {
@@ -678,12 +697,8 @@ impl Store {
     /// the replay entries and checkpoints it may have lost. One caller
     /// tries at a time, and not before the wait is over.
     fn reopen(&self) -> Result<(), StoreError> {
-        let Ok(mut reopening) = self.reopening.try_lock() else {
-            // Another caller is reopening it; that caller holds the lock.
-            return Err(StoreError::Closed {
-                failed_seconds_ago: 0,
-                cause: "being opened again now".into(),
-            });
+        let Some(mut reopening) = self.try_lock_reopening() else {
+            return Err(Self::being_reopened());
         };
         if !self.failed.load(Ordering::Acquire) {
             return Ok(()); // Another caller reopened it.
@@ -722,7 +737,7 @@ impl Store {
                         .map_or(0, |t| now.duration_since(t).as_secs()),
                     "the store's database was opened again after a write failure; service resumes"
                 );
-                reopening.reopened += 1;
+                self.reopened.fetch_add(1, Ordering::Relaxed);
                 reopening.failed_since = None;
                 reopening.wait = FIRST_REOPEN_WAIT;
                 self.failed.store(false, Ordering::Release);
@@ -761,10 +776,9 @@ impl Store {
         if self.failed.load(Ordering::Acquire) {
             let _ = self.database();
         }
-        let reopening = self.lock_reopening();
         StoreHealth {
-            failed: reopening.failed_since.is_some(),
-            reopened: reopening.reopened,
+            failed: self.failed.load(Ordering::Acquire),
+            reopened: self.reopened.load(Ordering::Relaxed),
         }
     }
 
