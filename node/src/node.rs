@@ -41,8 +41,17 @@ pub struct Metrics {
     pub frames_too_large: std::sync::Arc<AtomicU64>,
     /// Connections closed because a peer kept sending bad messages.
     pub connections_closed_for_bad_messages: AtomicU64,
-    /// Connections closed because a peer kept sending past its busy answers.
-    pub connections_closed_for_flooding: AtomicU64,
+    /// Times a peer that kept sending past its busy answers was shut out.
+    pub flooding_shut_outs: AtomicU64,
+}
+
+/// When a member counts as flooding, and for how long it is shut out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloodRule {
+    /// Busy answers within the window past which a member is flooding.
+    pub busy_answers: u32,
+    pub window_secs: u64,
+    pub cool_down_secs: u64,
 }
 
 impl Metrics {
@@ -1219,50 +1228,50 @@ impl Node {
         )
     }
 
-    /// Closes the connection of a member that keeps sending after being told
-    /// it is busy: counted, audited once per closing, and not answered (a
-    /// signed answer to each would let the flood spend our CPU and disk).
+    /// Shuts out a member that keeps sending after being told it is busy:
+    /// counted and audited once per shutting out. Its requests are then
+    /// held unanswered by the network (a signed answer to each would let
+    /// the flood spend our CPU and disk).
     pub fn refuse_flooding(
         &self,
         protocol: ProtocolId,
         bytes: &[u8],
         remote: &PeerIdBytes,
-        busy_answers: u32,
-        window_secs: u64,
+        rule: &FloodRule,
         now: u64,
-    ) -> Inbound {
+    ) {
         let request_hash = envelope::message_hash(bytes);
         let peer = self
             .current_list(now)
             .and_then(|list| list.member_by_peer(remote).cloned());
         self.metrics.refuse("flooding");
         self.metrics
-            .connections_closed_for_flooding
+            .flooding_shut_outs
             .fetch_add(1, Ordering::Relaxed);
         let detail = format!(
-            "kept sending after {busy_answers} busy answers in {window_secs} s; connection closed"
+            "kept sending after {} busy answers in {} s; its requests are held unanswered for {} s",
+            rule.busy_answers, rule.window_secs, rule.cool_down_secs
         );
-        if self
-            .audit_refusal(
-                protocol,
-                peer.as_ref(),
-                remote,
-                None,
-                request_hash,
-                "flooding",
-                &detail,
-                now,
-            )
-            .is_err()
-        {
-            return Inbound::Drop("audit unavailable".to_owned());
-        }
-        let who = peer.map_or_else(|| remote.to_base58(), |m| m.ods.to_string());
-        Inbound::Drop(format!("{who} is flooding: {detail}"))
+        let who = peer
+            .as_ref()
+            .map_or_else(|| remote.to_base58(), |m| m.ods.to_string());
+        tracing::warn!(peer = %who, "{detail}");
+        // If the audit append fails the node already refuses everything
+        // that needs it; the shutting out stands either way.
+        let _ = self.audit_refusal(
+            protocol,
+            peer.as_ref(),
+            remote,
+            None,
+            request_hash,
+            "flooding",
+            &detail,
+            now,
+        );
     }
 
-    /// Counts a request dropped unread from a connection already being closed
-    /// for flooding.
+    /// Counts a request held unanswered from a member shut out for
+    /// flooding.
     pub fn record_shed(&self) {
         self.metrics.refuse("flooding");
     }

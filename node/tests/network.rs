@@ -679,32 +679,55 @@ async fn a_peer_over_its_rate_gets_busy_answers_and_is_shut_out_if_it_ignores_th
     assert!(busy >= 1, "no busy answer past the burst");
     assert!(que_node.metrics.refused().get("busy").copied().unwrap_or(0) >= 1);
 
-    // Ignoring the busy answers is flooding: past the limit the connection
-    // is closed, once, audited, and reconnecting is refused for a while.
-    let mut failed = 0;
-    for _ in 0..careweave_node::net::MIN_FLOOD_LIMIT + 10 {
+    // Ignoring the busy answers is flooding: past the limit the member is
+    // shut out, once, audited, and its requests are held unanswered.
+    let send = |when: u64| {
         let request = qhg
             .node
-            .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), now)
+            .prepare_locate(&OdsCode::parse("QUE").unwrap(), &locate_request(), when)
             .unwrap();
-        if qhg
-            .handle
+        qhg.handle
             .send_raw(ProtocolId::Locate, que_node.peer_id(), request.bytes)
-            .await
-            .is_err()
-        {
-            failed += 1;
+    };
+    let mut held = false;
+    for _ in 0..careweave_node::net::MIN_FLOOD_LIMIT + 10 {
+        if send(now).await.is_err() {
+            held = true;
+            break;
         }
     }
-    assert!(failed >= 1, "the flooding peer was never cut off");
+    assert!(held, "the flooding member was never shut out");
+    let shed_before = que_node
+        .metrics
+        .refused()
+        .get("flooding")
+        .copied()
+        .unwrap_or(0);
+    let unanswered = futures::future::join_all((0..5).map(|_| send(now))).await;
+    assert!(
+        unanswered.iter().all(Result::is_err),
+        "a shut-out member got an answer: {unanswered:?}"
+    );
+    assert!(
+        que_node
+            .metrics
+            .refused()
+            .get("flooding")
+            .copied()
+            .unwrap_or(0)
+            >= shed_before + 5,
+        "held requests are counted"
+    );
     assert_eq!(
         que_node
             .metrics
-            .connections_closed_for_flooding
+            .flooding_shut_outs
             .load(std::sync::atomic::Ordering::Relaxed),
         1,
-        "closed once, then shut out for the cool-down"
+        "shut out once for the cool-down"
     );
+    // The connection stays up, so the member does not re-dial in a loop.
+    assert_eq!(connected(&qhg).await, 1);
     let audited = que_node
         .store
         .audit_entries()
@@ -721,7 +744,30 @@ async fn a_peer_over_its_rate_gets_busy_answers_and_is_shut_out_if_it_ignores_th
                 .is_some_and(|r| r.starts_with("flooding"))
         })
         .count();
-    assert_eq!(audited, 1, "the closing is audited once");
+    assert_eq!(audited, 1, "the shutting out is audited once");
+
+    // One that keeps more in flight than are held has its connection closed
+    // for the rest of the cool-down.
+    let _ = futures::future::join_all((0..300).map(|_| send(now))).await;
+    eventually("the connection closed", || async {
+        connected(&qhg).await == 0
+    })
+    .await;
+
+    // After the cool-down (10 s) it reconnects, and a request within its
+    // rate is answered.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Ok(bytes) = send(careweave_node::net::unix_now()).await {
+            assert!(!bytes.is_empty());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still shut out 60 s later"
+        );
+    }
     drop(handle);
 }
 

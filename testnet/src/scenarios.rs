@@ -737,8 +737,8 @@ const FLOOD_MEASURED_FOR: Duration = Duration::from_secs(15);
 const FLOOD_WINDOW: usize = 64;
 
 /// An authorised member floods another with signed locates. The flooder gets
-/// busy answers, then its connection is closed and it is shut out for a
-/// cool-down; a third ICB's searches, which ask the flooded node too, keep
+/// busy answers, then it is shut out for a cool-down, its requests held
+/// unanswered; a third ICB's searches, which ask the flooded node too, keep
 /// working. Reports their p99 before and during the flood (the target is at
 /// most 2x) and the flooded node's RSS before, during and after. Timings and
 /// memory are reported, not judged: timing belongs to benchmarks.
@@ -871,7 +871,7 @@ pub async fn flood(t: &Testnet) -> Outcome {
             .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
             .unwrap_or(0)
     };
-    let closed = metric("careweave_connections_closed_for_flooding_total");
+    let closed = metric("careweave_flooding_shut_outs_total");
     let shed = metric("careweave_requests_refused_total{reason=\"flooding\"}");
     said.push(format!(
         "{}'s CPU: {:.0}% of one core before, {:.0}% during (the flooder runs on the same two cores)",
@@ -881,7 +881,7 @@ pub async fn flood(t: &Testnet) -> Outcome {
     ));
     said.push(if closed > 0 {
         format!(
-            "{} shut the flooder out {closed} time(s) and dropped {shed} of its requests unanswered",
+            "{} shut the flooder out {closed} time(s) and held {shed} of its requests unanswered",
             victim.ods
         )
     } else {

@@ -1103,11 +1103,9 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
                 .load(Ordering::Relaxed),
         ),
         (
-            "careweave_connections_closed_for_flooding_total",
-            "Connections closed because a member kept sending after busy answers.",
-            node.metrics
-                .connections_closed_for_flooding
-                .load(Ordering::Relaxed),
+            "careweave_flooding_shut_outs_total",
+            "Times a member that kept sending after busy answers was shut out: its requests held unanswered for the cool-down.",
+            node.metrics.flooding_shut_outs.load(Ordering::Relaxed),
         ),
         (
             "careweave_audit_failures_total",

@@ -442,9 +442,13 @@ fn providers(list: &AcceptedList, now: u64) -> Vec<(OdsCode, String, Option<Peer
 
 /// The window in which busy answers to one peer are counted.
 const FLOOD_WINDOW_SECS: u64 = 60;
-/// How long a flooding peer is refused reconnection. Back inside the window,
-/// its next busy request closes it again.
+/// How long a flooding peer is shut out. Back inside the window, its next
+/// busy request shuts it out again.
 const FLOOD_COOL_DOWN: Duration = Duration::from_secs(10);
+/// Requests from a shut-out peer held unanswered at once. A peer that keeps
+/// more than this in flight has its connections closed and is refused
+/// reconnection for the rest of the cool-down.
+const MAX_HELD_FOR_FLOODING: usize = 256;
 
 /// Busy answers one peer may get within the window before its connection is
 /// closed: its burst allowance, and never fewer than [`MIN_FLOOD_LIMIT`], so
@@ -505,11 +509,21 @@ pub struct EventLoop {
     buckets: HashMap<PeerId, Bucket>,
     /// Busy answers per peer; past the limit the peer is flooding.
     flooding: Strikes,
-    /// Flooding peers shut out, and since when. Requests already on their
-    /// way are dropped without an audit entry each; reconnection is refused
-    /// until the cool-down ends.
-    closed_for_flooding: HashMap<PeerId, Instant>,
+    /// Flooding peers shut out for the cool-down, with their requests held.
+    shut_out: HashMap<PeerId, ShutOut>,
     topic: gossipsub::IdentTopic,
+}
+
+/// A flooding peer, shut out. Its requests are held unanswered, neither
+/// read further, signed nor audited, until the cool-down ends or they time
+/// out. A flooder with a bounded window then sits idle. Closing its
+/// connection instead made it re-dial at once, and each TLS handshake cost
+/// this node more than a held request.
+struct ShutOut {
+    since: Instant,
+    held: Vec<request_response::ResponseChannel<Vec<u8>>>,
+    /// Its connections were closed for sending more than can be held.
+    disconnected: bool,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -627,7 +641,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
             FLOOD_WINDOW_SECS,
             strikes::DEFAULT_MAX_PEERS,
         ),
-        closed_for_flooding: HashMap::new(),
+        shut_out: HashMap::new(),
         topic: gossipsub::IdentTopic::new(TRUST_TOPIC),
     };
     Ok((handle, event_loop))
@@ -663,16 +677,23 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
+        for shut in self.shut_out.values_mut() {
+            // Held requests that timed out have had their streams closed.
+            shut.held.retain(request_response::ResponseChannel::is_open);
+        }
         let cooled: Vec<PeerId> = self
-            .closed_for_flooding
+            .shut_out
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= FLOOD_COOL_DOWN)
+            .filter(|(_, shut)| now.duration_since(shut.since) >= FLOOD_COOL_DOWN)
             .map(|(peer, _)| *peer)
             .collect();
         for peer in cooled {
-            self.closed_for_flooding.remove(&peer);
+            // Dropping the held requests closes their streams unanswered.
+            let Some(shut) = self.shut_out.remove(&peer) else {
+                continue;
+            };
             // Only members still on the list come back.
-            if self.allowed.contains(&peer) {
+            if shut.disconnected && self.allowed.contains(&peer) {
                 self.swarm.behaviour_mut().allow.allow_peer(peer);
             }
         }
@@ -888,41 +909,54 @@ impl EventLoop {
             Ok(remote) => remote,
             Err(_) => return,
         };
+        if let Some(shut) = self.shut_out.get_mut(&peer) {
+            // Shut out: counted, held unanswered, not audited one by one.
+            self.node.record_shed();
+            if shut.held.len() < MAX_HELD_FOR_FLOODING {
+                shut.held.push(channel);
+            } else if !shut.disconnected {
+                shut.disconnected = true;
+                tracing::warn!(%peer, "a flooding member kept more requests in flight than are held; its connections are closed");
+                self.swarm.behaviour_mut().allow.disallow_peer(peer);
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            return;
+        }
         let over_peer =
             self.inflight.get(&peer).copied().unwrap_or(0) >= self.config.max_inflight_per_peer;
         let over_total = self.inflight_total >= self.config.max_inflight_total;
         let has_token = self.take_token(peer);
         let busy = over_peer || over_total || !has_token;
         let now_secs = unix_now();
-        let flooding = busy && self.flooding.record(&peer.to_bytes(), now_secs);
-        if flooding {
-            if self.closed_for_flooding.contains_key(&peer) {
-                // Already on its way out: counted, not answered, not audited.
-                self.node.record_shed();
-                return;
-            }
-            // Shut it out for the cool-down; it is let back in by on_tick.
-            self.swarm.behaviour_mut().allow.disallow_peer(peer);
-            let _ = self.swarm.disconnect_peer_id(peer);
-            self.closed_for_flooding.insert(peer, Instant::now());
+        if busy && self.flooding.record(&peer.to_bytes(), now_secs) {
+            // Shut it out for the cool-down (on_tick ends it), holding this
+            // request too; the shutting out is audited once.
+            self.shut_out.insert(
+                peer,
+                ShutOut {
+                    since: Instant::now(),
+                    held: vec![channel],
+                    disconnected: false,
+                },
+            );
+            let node = Arc::clone(&self.node);
+            let rule = crate::node::FloodRule {
+                busy_answers: flood_limit(self.config.burst),
+                window_secs: FLOOD_WINDOW_SECS,
+                cool_down_secs: FLOOD_COOL_DOWN.as_secs(),
+            };
+            tokio::task::spawn_blocking(move || {
+                node.refuse_flooding(protocol, &request, &remote, &rule, unix_now());
+            });
+            return;
         }
         self.inflight_total += 1;
         *self.inflight.entry(peer).or_default() += 1;
         let node = Arc::clone(&self.node);
         let tx = self.finished_tx.clone();
-        let burst = self.config.burst;
         tokio::task::spawn_blocking(move || {
             let now = unix_now();
-            let inbound = if flooding {
-                node.refuse_flooding(
-                    protocol,
-                    &request,
-                    &remote,
-                    flood_limit(burst),
-                    FLOOD_WINDOW_SECS,
-                    now,
-                )
-            } else if busy {
+            let inbound = if busy {
                 node.refuse_busy(protocol, &request, &remote, 1000, now)
             } else {
                 node.handle_request(protocol, &request, &remote, now)
