@@ -3,6 +3,19 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that ignores a closed stdout (`| head`), where `println!`
+/// would panic; the command still finishes its work and cleans up.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -245,7 +258,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Ca(CaCommand::Init { out, name }) => {
             ca::init(&out, &name)?;
-            println!(
+            say!(
                 "CA created: {} (certificate), {} (key, mode 0600)",
                 out.join("ca.pem").display(),
                 out.join("ca.key").display()
@@ -299,28 +312,28 @@ fn make_root(
 }
 
 fn print_root(root: &Root) {
-    println!("network   {}", root.network);
-    println!("version   {}", root.version);
-    println!(
+    say!("network   {}", root.network);
+    say!("version   {}", root.version);
+    say!(
         "valid     {} to {}",
         format_time(root.issued),
         format_time(root.expires)
     );
-    println!(
+    say!(
         "root keys ({} of {} to rotate):",
         root.root_threshold,
         root.root_keys.len()
     );
     for k in &root.root_keys {
-        println!("  {}  {}", k.kid(), hex::encode(k.as_bytes()));
+        say!("  {}  {}", k.kid(), hex::encode(k.as_bytes()));
     }
-    println!(
+    say!(
         "list keys ({} of {} to sign a list):",
         root.list_threshold,
         root.list_keys.len()
     );
     for k in &root.list_keys {
-        println!("  {}  {}", k.kid(), hex::encode(k.as_bytes()));
+        say!("  {}  {}", k.kid(), hex::encode(k.as_bytes()));
     }
 }
 
@@ -348,11 +361,11 @@ fn root_init(args: RootInitArgs) -> Result<ExitCode> {
     trust::accept_first_root(&bytes, now()).context("the new root does not verify")?;
     write_atomic(&args.out.join("root-v1.cose"), &bytes)?;
     write_atomic(&args.out.join("root.cose"), &bytes)?;
-    println!(
+    say!(
         "Root version 1 written to {} (give it to every node out of band).",
         args.out.join("root.cose").display()
     );
-    println!("Encrypted keys in {}.", keys_dir.display());
+    say!("Encrypted keys in {}.", keys_dir.display());
     print_root(&root);
     Ok(ExitCode::SUCCESS)
 }
@@ -422,11 +435,11 @@ fn root_rotate(args: RootRotateArgs) -> Result<ExitCode> {
         .context("the rotated root would not be accepted")?;
     write_atomic(&args.dir.join(format!("root-v{}.cose", v + 1)), &bytes)?;
     write_atomic(&args.dir.join("root.cose"), &bytes)?;
-    println!(
+    say!(
         "Root version {} written; nodes accept it from peers or from their [trust] root file.",
         v + 1
     );
-    println!(
+    say!(
         "Lists must now be signed with the new list keys and name root_version {}.",
         v + 1
     );
@@ -488,7 +501,7 @@ fn list_build(args: ListBuildArgs) -> Result<ExitCode> {
         bail!("{} already exists", args.out.display());
     }
     write_atomic(&args.out, &doc.encode())?;
-    println!(
+    say!(
         "Unsigned list seq {} with {} members written to {}; it needs {} signature(s) (careweave-certs list sign).",
         list.seq,
         list.members.len(),
@@ -523,7 +536,7 @@ fn list_sign(key_path: &Path, root: Option<PathBuf>, list_path: &Path) -> Result
     doc.sign(&key, &root)?;
     write_atomic(list_path, &doc.encode())?;
     let signed = doc.cose().signers.len();
-    println!(
+    say!(
         "Signed list seq {} with key {}; {} of {} signature(s) needed.",
         list.seq,
         key.kid(),
@@ -537,11 +550,13 @@ fn list_verify(root_path: &Path, prev: Option<&Path>, list_path: &Path) -> Resul
     let root_bytes = read(root_path)?;
     let (_, root) = RootDocument::decode(&root_bytes)?;
     let (doc, list) = decode_list(list_path)?;
-    println!(
+    say!(
         "list seq {} for network {} under root version {}",
-        list.seq, list.network, list.root_version
+        list.seq,
+        list.network,
+        list.root_version
     );
-    println!(
+    say!(
         "valid {} to {}",
         format_time(list.issued),
         format_time(list.expires)
@@ -558,9 +573,9 @@ fn list_verify(root_path: &Path, prev: Option<&Path>, list_path: &Path) -> Resul
             SignatureStatus::NotAuthorised => "key NOT AUTHORISED by this root",
             SignatureStatus::Duplicate => "DUPLICATE signature by one key",
         };
-        println!("  signature by {kid}: {text}");
+        say!("  signature by {kid}: {text}");
     }
-    println!(
+    say!(
         "threshold {} of {}: {}",
         valid,
         root.list_threshold,
@@ -573,7 +588,7 @@ fn list_verify(root_path: &Path, prev: Option<&Path>, list_path: &Path) -> Resul
     let accepted_root = match trust::accept_first_root(&root_bytes, now()) {
         Ok(r) => r,
         Err(e) => {
-            println!("NOT ACCEPTABLE: root: {e}");
+            say!("NOT ACCEPTABLE: root: {e}");
             return Ok(ExitCode::from(2));
         }
     };
@@ -585,7 +600,7 @@ fn list_verify(root_path: &Path, prev: Option<&Path>, list_path: &Path) -> Resul
             match trust::accept_list(&accepted_root, None, &bytes, prev_list.issued) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    println!("NOT ACCEPTABLE: the previous list does not verify: {e}");
+                    say!("NOT ACCEPTABLE: the previous list does not verify: {e}");
                     return Ok(ExitCode::from(2));
                 }
             }
@@ -594,11 +609,11 @@ fn list_verify(root_path: &Path, prev: Option<&Path>, list_path: &Path) -> Resul
     };
     match trust::accept_list(&accepted_root, held.as_ref(), &read(list_path)?, now()) {
         Ok(_) => {
-            println!("ACCEPTABLE: a node holding this root would accept this list now.");
+            say!("ACCEPTABLE: a node holding this root would accept this list now.");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("NOT ACCEPTABLE: {e}");
+            say!("NOT ACCEPTABLE: {e}");
             Ok(ExitCode::from(2))
         }
     }
@@ -644,19 +659,21 @@ fn list_show(path: &Path, json: bool) -> Result<ExitCode> {
                 "reason": r.reason, "compromised_since": r.compromised_since.map(format_time),
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    say!(
         "trust list seq {} for {} (root version {})",
-        list.seq, list.network, list.root_version
+        list.seq,
+        list.network,
+        list.root_version
     );
-    println!(
+    say!(
         "valid {} to {}",
         format_time(list.issued),
         format_time(list.expires)
     );
-    println!(
+    say!(
         "{} signature(s): {}",
         doc.cose().signers.len(),
         doc.cose()
@@ -666,14 +683,14 @@ fn list_show(path: &Path, json: bool) -> Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("{} member(s):", list.members.len());
+    say!("{} member(s):", list.members.len());
     for m in &list.members {
         let status = if m.status == MemberStatus::Active {
             "active"
         } else {
             "SUSPENDED"
         };
-        println!(
+        say!(
             "  {:<6} {:<50} {:<9} {}",
             m.ods,
             m.name,
@@ -681,10 +698,10 @@ fn list_show(path: &Path, json: bool) -> Result<ExitCode> {
             role_names(&m.roles)
         );
         for p in &m.peers {
-            println!("         {}  {}", p.peer_id, p.addrs.join(" "));
+            say!("         {}  {}", p.peer_id, p.addrs.join(" "));
         }
         if !m.predecessors.is_empty() {
-            println!(
+            say!(
                 "         succeeded {}",
                 m.predecessors
                     .iter()
@@ -695,7 +712,7 @@ fn list_show(path: &Path, json: bool) -> Result<ExitCode> {
         }
     }
     for r in &list.revoked {
-        println!(
+        say!(
             "  revoked key {} of {} at {}: {}{}",
             r.kid,
             r.ods,
@@ -712,11 +729,11 @@ fn list_show(path: &Path, json: bool) -> Result<ExitCode> {
 fn list_diff(old: &Path, new: &Path) -> Result<ExitCode> {
     let (_, a) = decode_list(old)?;
     let (_, b) = decode_list(new)?;
-    println!("seq {} -> {}", a.seq, b.seq);
+    say!("seq {} -> {}", a.seq, b.seq);
     let mut changes = 0;
     let mut say = |line: String| {
         changes += 1;
-        println!("  {line}");
+        say!("  {line}");
     };
     for m in &b.members {
         match a.members.iter().find(|o| o.ods == m.ods) {
@@ -826,7 +843,7 @@ fn list_diff(old: &Path, new: &Path) -> Result<ExitCode> {
         ));
     }
     if changes == 0 {
-        println!("  no changes to members, keys or revocations");
+        say!("  no changes to members, keys or revocations");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -850,10 +867,10 @@ fn list_publish(
                 );
             };
             let answer = careweave_certs::publish::to_node(target, &bytes, ca, cert, key)?;
-            println!("published to {target}: {}", answer.trim());
+            say!("published to {target}: {}", answer.trim());
         } else {
             write_atomic(Path::new(target), &bytes)?;
-            println!("published to {target}");
+            say!("published to {target}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -876,7 +893,7 @@ fn ca_issue(args: CaIssueArgs) -> Result<ExitCode> {
         }
     };
     ca::issue(&args.ca, &leaf, &args.out)?;
-    println!(
+    say!(
         "issued {} and {} (mode 0600)",
         args.out.join("cert.pem").display(),
         args.out.join("key.pem").display()

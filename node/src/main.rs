@@ -2,6 +2,19 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that ignores a closed stdout (`| head`), where `println!`
+/// would panic; the command still finishes its work and cleans up.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -311,13 +324,13 @@ fn init(args: InitArgs) -> Result<ExitCode> {
     );
     std::fs::write(&config_path, text)
         .with_context(|| format!("writing {}", config_path.display()))?;
-    println!("# careweave node created in {}", args.dir.display());
-    println!(
+    say!("# careweave node created in {}", args.dir.display());
+    say!(
         "# Keys: {}/keys (mode 0600; never share them).",
         args.dir.display()
     );
-    println!("# Send this member entry to the national coordinator:");
-    println!();
+    say!("# Send this member entry to the national coordinator:");
+    say!();
     print!("{}", keys.member_entry(&ods, &args.name, &listen));
     Ok(ExitCode::SUCCESS)
 }
@@ -411,12 +424,12 @@ fn import_via_api(loaded: &LoadedConfig, api: &RunningApi, args: &ImportArgs) ->
                         .pointer("/response/outcome/issue/0/diagnostics")
                         .and_then(serde_json::Value::as_str)
                         .unwrap_or(status);
-                    println!("rejected {name} entry[{i}]: {reason}");
+                    say!("rejected {name} entry[{i}]: {reason}");
                 }
             }
         }
     }
-    println!("stored or replaced {stored}, rejected {rejected} (through the running node)");
+    say!("stored or replaced {stored}, rejected {rejected} (through the running node)");
     Ok(if rejected == 0 {
         ExitCode::SUCCESS
     } else {
@@ -468,7 +481,7 @@ fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
             bar.set_length(of as u64);
             bar.set_position(done as u64);
             if log_batches {
-                println!("flushed {done} of {of} entries from {name}");
+                say!("flushed {done} of {of} entries from {name}");
                 let _ = std::io::stdout().flush();
             }
         };
@@ -477,9 +490,9 @@ fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
         total.merge(report);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&total)?);
+        say!("{}", serde_json::to_string_pretty(&total)?);
     } else {
-        println!(
+        say!(
             "stored {}, replaced {}, removed {}, rejected {}{}",
             total.stored,
             total.replaced,
@@ -495,12 +508,12 @@ fn import(loaded: &LoadedConfig, args: ImportArgs) -> Result<ExitCode> {
             }
         );
         if total.transaction_aborted {
-            println!(
+            say!(
                 "a transaction Bundle was refused as a whole because of the rejections below; nothing from it was stored"
             );
         }
         for r in &total.rejected {
-            println!("rejected {} {}: {}", r.source, r.entry, r.reason);
+            say!("rejected {} {}: {}", r.source, r.entry, r.reason);
         }
     }
     Ok(if total.rejected.is_empty() {
@@ -528,7 +541,7 @@ fn flag(loaded: &LoadedConfig, args: FlagArgs) -> Result<ExitCode> {
         if answer.status != 200 {
             return Err(api_error(&answer));
         }
-        println!("patient {nhs}: {}", answer.json());
+        say!("patient {nhs}: {}", answer.json());
         return Ok(ExitCode::SUCCESS);
     }
     let store = Store::open(
@@ -548,7 +561,7 @@ fn flag(loaded: &LoadedConfig, args: FlagArgs) -> Result<ExitCode> {
     }
     flags.updated_at = now();
     store.set_flags(&nhs, &flags)?;
-    println!(
+    say!(
         "patient {nhs}: restricted {}, objection {}",
         if flags.restricted { "yes" } else { "no" },
         if flags.objected { "yes" } else { "no" }
@@ -564,14 +577,16 @@ fn audit_verify(loaded: &LoadedConfig) -> Result<ExitCode> {
     )?;
     match audit::verify(&store, &keys.log.public_key()) {
         Ok(report) => {
-            println!(
+            say!(
                 "audit log verified: {} entries, {} signed checkpoints, root {}",
-                report.entries, report.checkpoints, report.root
+                report.entries,
+                report.checkpoints,
+                report.root
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(failure) => {
-            println!("audit log FAILED verification: {failure}");
+            say!("audit log FAILED verification: {failure}");
             Ok(ExitCode::from(3))
         }
     }
@@ -584,7 +599,7 @@ fn audit_export(loaded: &LoadedConfig, nhs_number: &str) -> Result<ExitCode> {
         loaded.config.store.cache_mb * 1024 * 1024,
     )?;
     let export = audit::export(&store, &nhs)?;
-    println!("{}", serde_json::to_string_pretty(&export)?);
+    say!("{}", serde_json::to_string_pretty(&export)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -594,7 +609,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         if answer.status != 200 {
             return Err(api_error(&answer));
         }
-        println!("{}", serde_json::to_string_pretty(&answer.json())?);
+        say!("{}", serde_json::to_string_pretty(&answer.json())?);
         let _ = json;
         return Ok(ExitCode::SUCCESS);
     }
@@ -613,7 +628,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         }) = runtime()?.block_on(daemon::control(&socket, &ControlRequest::Status))
     {
         if json {
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "running": true, "ods": ods, "peer_id": peer_id, "listen": listen,
@@ -622,13 +637,13 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
                 }))?
             );
         } else {
-            println!("node        {ods} (running)");
-            println!("peer id     {peer_id}");
-            println!("listening   {}", listen.join(", "));
-            println!("connected   {connected} peer(s)");
+            say!("node        {ods} (running)");
+            say!("peer id     {peer_id}");
+            say!("listening   {}", listen.join(", "));
+            say!("connected   {connected} peer(s)");
             match not_ready_reason {
-                None => println!("ready       yes"),
-                Some(reason) => println!("ready       no: {reason}"),
+                None => say!("ready       yes"),
+                Some(reason) => say!("ready       no: {reason}"),
             }
             print_sharing(&sharing, Some(sharing_since));
         }
@@ -654,20 +669,20 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         "sharing": node.sharing().to_json(),
     });
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        say!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("node        {} ({})", node.ods(), loaded.config.node.name);
-        println!("peer id     {}", node.peer_id());
-        println!(
+        say!("node        {} ({})", node.ods(), loaded.config.node.name);
+        say!("peer id     {}", node.peer_id());
+        say!(
             "records     {} for {} patients",
             node.store.record_count(),
             node.store.patient_count()?
         );
-        println!("audit log   {} entries", node.audit.len());
+        say!("audit log   {} entries", node.audit.len());
         match (&trust, list) {
-            (None, _) => println!("trust       no root installed"),
-            (Some(t), None) => println!("trust       root v{}, no list", t.root.root().version),
-            (Some(t), Some(l)) => println!(
+            (None, _) => say!("trust       no root installed"),
+            (Some(t), None) => say!("trust       root v{}, no list", t.root.root().version),
+            (Some(t), Some(l)) => say!(
                 "trust       root v{}, list seq {} expiring at {}",
                 t.root.root().version,
                 l.list().seq,
@@ -675,8 +690,8 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
             ),
         }
         match node.not_ready_reason(now) {
-            None => println!("ready       yes"),
-            Some(reason) => println!("ready       no: {reason}"),
+            None => say!("ready       yes"),
+            Some(reason) => say!("ready       no: {reason}"),
         }
         print_sharing(&node.sharing().describe(), None);
     }
@@ -687,11 +702,11 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
 /// running node put it in force.
 fn print_sharing(lines: &[String], since: Option<u64>) {
     match since {
-        Some(since) => println!("sharing     in force since {since} (Unix time):"),
-        None => println!("sharing     as configured (the node is not running):"),
+        Some(since) => say!("sharing     in force since {since} (Unix time):"),
+        None => say!("sharing     as configured (the node is not running):"),
     }
     for line in lines {
-        println!("              {line}");
+        say!("              {line}");
     }
 }
 
@@ -768,12 +783,12 @@ fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
     };
     let response = ask(loaded, &request)?;
     if args.requester.json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
+        say!("{}", serde_json::to_string_pretty(&response)?);
         return Ok(ExitCode::SUCCESS);
     }
     match response {
         ControlResponse::Located { icbs } => {
-            println!("Records for NHS number {nhs_number}:");
+            say!("Records for NHS number {nhs_number}:");
             for icb in icbs {
                 let detail = match icb.outcome.as_str() {
                     "pointers" => format!("{} pointer(s)", icb.pointers.len()),
@@ -783,9 +798,9 @@ fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
                     "timed-out" => "did not answer in time".to_owned(),
                     other => format!("{other}: {}", icb.detail.clone().unwrap_or_default()),
                 };
-                println!("  {:<6} {:<50} {}", icb.ods, icb.name, detail);
+                say!("  {:<6} {:<50} {}", icb.ods, icb.name, detail);
                 for p in &icb.pointers {
-                    println!(
+                    say!(
                         "         {}  {:<16} {} record(s){}",
                         p.id,
                         careweave_node::fhir::section_name(p.section).0,
@@ -797,13 +812,13 @@ fn locate(loaded: &LoadedConfig, args: LocateArgs) -> Result<ExitCode> {
                     );
                 }
                 if icb.outcome == "pointers" && !icb.withheld.is_empty() {
-                    println!(
+                    say!(
                         "         some records withheld: {}",
                         withheld_text(&icb.withheld)
                     );
                 }
                 if !icb.not_shared.is_empty() {
-                    println!(
+                    say!(
                         "         {}",
                         careweave_node::sharing::not_shared_text(
                             &icb.ods,
@@ -844,7 +859,7 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
         if answer.status != 200 {
             return Err(api_error(&answer));
         }
-        println!("{}", serde_json::to_string_pretty(&answer.json())?);
+        say!("{}", serde_json::to_string_pretty(&answer.json())?);
         return Ok(ExitCode::SUCCESS);
     }
     let request = ControlRequest::Fetch {
@@ -861,7 +876,7 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
             records,
         } => {
             if args.requester.json {
-                println!(
+                say!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "custodian": custodian, "withheld": withheld,
@@ -869,18 +884,18 @@ fn fetch(loaded: &LoadedConfig, args: FetchArgs) -> Result<ExitCode> {
                     }))?
                 );
             } else {
-                println!(
+                say!(
                     "{} record(s) from {custodian}, each custodian signature checked:",
                     records.len()
                 );
                 for r in &records {
-                    println!("{}", serde_json::to_string(r)?);
+                    say!("{}", serde_json::to_string(r)?);
                 }
                 if !withheld.is_empty() {
-                    println!("withheld: {}", withheld_text(&withheld));
+                    say!("withheld: {}", withheld_text(&withheld));
                 }
                 if !not_shared.is_empty() {
-                    println!(
+                    say!(
                         "{}",
                         careweave_node::sharing::not_shared_text(
                             &custodian,
@@ -1022,10 +1037,10 @@ fn locate_via_api(
     }
     let bundle = answer.json();
     if json {
-        println!("{}", serde_json::to_string_pretty(&bundle)?);
+        say!("{}", serde_json::to_string_pretty(&bundle)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Records for NHS number {nhs}:");
+    say!("Records for NHS number {nhs}:");
     let entries = bundle
         .get("entry")
         .and_then(serde_json::Value::as_array)
@@ -1037,7 +1052,7 @@ fn locate_via_api(
             .and_then(serde_json::Value::as_str)
             == Some("match")
         {
-            println!(
+            say!(
                 "  {:<6} {}  {}",
                 r.pointer("/custodian/identifier/value")
                     .and_then(serde_json::Value::as_str)
@@ -1053,11 +1068,11 @@ fn locate_via_api(
             .pointer("/issue/0/diagnostics")
             .and_then(serde_json::Value::as_str)
         {
-            println!("  note: {text}");
+            say!("  note: {text}");
         }
     }
     if entries.is_empty() {
-        println!("  no ICB holds records it may share");
+        say!("  no ICB holds records it may share");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,19 @@
 // serde_json's `Value[&str]` answers Null for anything missing; it never panics.
 #![allow(clippy::indexing_slicing)]
 
+/// `println!` that ignores a closed stdout (`| head`), where `println!`
+/// would panic; the command still finishes its work and cleans up.
+macro_rules! say {
+    () => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -166,13 +179,13 @@ fn soak(args: SoakArgs) -> Result<ExitCode> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     let report = report?;
-    println!("{}", careweave_testnet::soak::summary(&report, &args.out));
+    say!("{}", careweave_testnet::soak::summary(&report, &args.out));
     let problems = report.problems();
     if problems.is_empty() {
-        println!("soak passed");
+        say!("soak passed");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("soak FAILED: {}", problems.join("; "));
+        say!("soak FAILED: {}", problems.join("; "));
         Ok(ExitCode::from(4))
     }
 }
@@ -200,8 +213,8 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
     }
     let figures = figures?;
     let table = std::fs::read_to_string(args.out.join("bench.md"))?;
-    println!("{table}");
-    println!(
+    say!("{table}");
+    say!(
         "written: {} and {}",
         args.out.join("bench.json").display(),
         args.out.join("bench.md").display()
@@ -212,16 +225,16 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         .map(|f| f.name.as_str())
         .collect();
     if missed.is_empty() {
-        println!("every target met");
+        say!("every target met");
         Ok(ExitCode::SUCCESS)
     } else if args.quick {
-        println!(
+        say!(
             "{} target(s) missed; a quick run is too small to judge targets",
             missed.len()
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("targets missed: {}", missed.join("; "));
+        say!("targets missed: {}", missed.join("; "));
         Ok(ExitCode::from(4))
     }
 }
@@ -263,25 +276,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 data::icbs_2022()
             };
             let t = up_with(&args.dir, &icbs, &options)?;
-            println!(
+            say!(
                 "testnet of {} ICBs running in {}",
                 t.nodes.len(),
                 args.dir.display()
             );
             for n in &t.nodes {
-                println!(
+                say!(
                     "  {:<6} {:<55} API https://127.0.0.1:{}",
-                    n.ods, n.name, n.api_port
+                    n.ods,
+                    n.name,
+                    n.api_port
                 );
             }
-            println!("try:");
-            println!(
+            say!("try:");
+            say!(
                 "  careweave-node --config {} locate {} --user 555021935107 --role-profile 555021936108 --role-code R8000",
                 t.nodes[0].config().display(),
                 t.demo.shared
             );
-            println!("  careweave-testnet status --dir {}", args.dir.display());
-            println!("  careweave-testnet down --dir {}", args.dir.display());
+            say!("  careweave-testnet status --dir {}", args.dir.display());
+            say!("  careweave-testnet down --dir {}", args.dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { dir } => {
@@ -300,7 +315,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "not running".to_owned()
                     }
                 };
-                println!("  {:<6} {:<55} {text}", n.ods, n.name);
+                say!("  {:<6} {:<55} {text}", n.ods, n.name);
             }
             Ok(if all {
                 ExitCode::SUCCESS
@@ -310,7 +325,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Down { dir } => {
             let stopped = setup::stop_all(&dir);
-            println!("stopped {stopped} node process(es) in {}", dir.display());
+            say!("stopped {stopped} node process(es) in {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
@@ -350,14 +365,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             match result {
                 Ok(said) => {
                     for line in said {
-                        println!("  {line}");
+                        say!("  {line}");
                     }
-                    println!("scenario {name}: as expected");
+                    say!("scenario {name}: as expected");
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(said) => {
-                    println!("{said}");
-                    println!("scenario {name}: NOT as expected");
+                    say!("{said}");
+                    say!("scenario {name}: NOT as expected");
                     Ok(ExitCode::from(4))
                 }
             }
@@ -436,11 +451,9 @@ fn demo() -> Result<ExitCode> {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("careweave-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    println!("careweave demo: five ICBs on this machine, each its own process, talking over");
-    println!(
-        "mutually authenticated libp2p under a co-signed trust list. Synthetic patients only."
-    );
-    println!();
+    say!("careweave demo: five ICBs on this machine, each its own process, talking over");
+    say!("mutually authenticated libp2p under a co-signed trust list. Synthetic patients only.");
+    say!();
     let t = up(
         &dir,
         &Options {
@@ -454,8 +467,8 @@ fn demo() -> Result<ExitCode> {
     setup::stop_all(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     let report = result?;
-    println!("{report}");
-    println!(
+    say!("{report}");
+    say!(
         "All five nodes stopped. Demo took {:.1} s.",
         started.elapsed().as_secs_f64()
     );

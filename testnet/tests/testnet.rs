@@ -12,6 +12,22 @@ use std::process::Command;
 const BIN: &str = env!("CARGO_BIN_EXE_careweave-testnet");
 
 #[test]
+fn the_demo_finishes_and_stops_its_nodes_when_its_output_is_closed() {
+    // As `careweave-testnet demo | head -1` does: the reader goes away.
+    let mut child = Command::new(BIN)
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}\n{stderr}", out.status);
+}
+
+#[test]
 fn the_demo_tells_its_story_and_exits_zero() {
     let out = Command::new(BIN).arg("demo").output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
