@@ -1026,6 +1026,12 @@ impl Node {
                     );
                 }
             };
+        // Every emergency request alerts, whatever it finds, as a locate
+        // does: the security team sees each break-glass attempt, not only
+        // those that released something.
+        if disclosure.emergency {
+            self.emergency_alert(ex.requester, context, "fetch");
+        }
         let all: Vec<&StoredRecord> = if view.flags.restricted {
             vec![]
         } else {
@@ -1080,9 +1086,6 @@ impl Node {
                 ErrorCode::NotFound,
                 "no records behind that pointer",
             );
-        }
-        if disclosure.emergency {
-            self.emergency_alert(ex.requester, context, "fetch");
         }
         let released: Vec<&StoredRecord> = released_group.map(|g| g.records).unwrap_or_default();
         let withheld: Vec<WithheldReason> = disclosure.withheld.iter().copied().collect();

@@ -96,10 +96,14 @@ fn locate(asker: &Node, que: &Node, nhs: NhsNumber, now: u64) -> LocateResponse 
 
 /// `asker` fetches `pointer` from QUE.
 fn fetch(asker: &Node, que: &Node, pointer: &str, now: u64) -> FetchAnswer {
+    fetch_for(asker, que, pointer, Purpose::Treat, now)
+}
+
+fn fetch_for(asker: &Node, que: &Node, pointer: &str, purpose: Purpose, now: u64) -> FetchAnswer {
     let request = FetchRequest {
         nhs_number: known(),
         pointer_id: pointer.to_owned(),
-        context: context(Purpose::Treat),
+        context: context(purpose),
     };
     let outbound = asker.prepare_fetch(&ods("QUE"), &request, now).unwrap();
     let bytes = reply(que.handle_request(ProtocolId::Fetch, &outbound.bytes, asker.peer_id(), now));
@@ -195,6 +199,33 @@ fn a_node_that_shares_with_no_one_answers_the_same_whether_or_not_it_holds_recor
     };
     assert!(bogus_records.is_empty());
     assert_eq!(bogus_not_shared, not_shared);
+
+    // An emergency fetch the agreement refuses still alerts the custodian's
+    // security team, as an emergency locate does.
+    let alerts = || {
+        n.que
+            .node
+            .metrics
+            .emergency_alerts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = alerts();
+    let FetchAnswer::Records { records, .. } = fetch_for(
+        &n.qhg.node,
+        &n.que.node,
+        &pointer,
+        Purpose::EmergencyTreat,
+        T0 + 2,
+    ) else {
+        panic!("refused")
+    };
+    assert!(records.is_empty());
+    assert_eq!(alerts(), before + 1);
+    let entry = last_entry(&n.que.node);
+    assert!(
+        entry.emergency && entry.outcome == "not-shared",
+        "{entry:?}"
+    );
 
     // Widened again, the same pointer opens.
     n.que.node.set_sharing(Agreement::national(), T0 + 3);
