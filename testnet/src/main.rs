@@ -245,6 +245,37 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// A testnet node whose directory was removed while it ran (`rm -rf`
+/// without `down`) has no store, keys or logs left: it exits instead of
+/// running on unseen, holding ports and CPU. Checked every 2 s; gone twice
+/// in a row counts, so a config being rewritten in place does not.
+fn stop_when_removed(config: PathBuf) {
+    let watch = move || {
+        let mut missing = 0;
+        loop {
+            std::thread::sleep(Duration::from_secs(2));
+            if config.exists() {
+                missing = 0;
+                continue;
+            }
+            missing += 1;
+            if missing >= 2 {
+                eprintln!(
+                    "{} was removed while this testnet node ran; stopping",
+                    config.display()
+                );
+                std::process::exit(0);
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("testnet-dir-watch".into())
+        .spawn(watch)
+    {
+        eprintln!("cannot watch the testnet directory: {e}");
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
@@ -256,6 +287,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .try_init();
+            stop_when_removed(config);
             careweave_node::daemon::run(loaded)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -135,6 +135,40 @@ fn up_status_down_with_three_nodes() {
 }
 
 #[test]
+fn nodes_of_a_testnet_whose_directory_is_removed_stop_by_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net");
+    let up = Command::new(BIN)
+        .args(["up", "--nodes", "2", "--patients", "2", "--dir"])
+        .arg(&net)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let running = pids(&net);
+    assert_eq!(running.len(), 2);
+    std::fs::remove_dir_all(&net).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for pid in running {
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.split(") ").nth(1).unwrap_or("");
+            if stat.is_empty() || state.starts_with('Z') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {pid} still runs 20 s after its directory was removed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+#[test]
 fn a_list_published_to_one_nodes_api_reaches_the_others() {
     use careweave_protocol::trust::{ListDocument, RootDocument, sha256};
     let _ = rustls::crypto::ring::default_provider().install_default();
