@@ -29,6 +29,12 @@ const PATIENTS_PER_ICB: u32 = 20;
 const LOCATE_CLIENTS: usize = 2;
 /// Records per import, one import every `IMPORT_EVERY`.
 const IMPORT_RECORDS: usize = 20;
+/// Distinct records the imports write; after the first hundred imports (in
+/// the warm-up) each one replaces records. With ever new ids, each
+/// patient's records at the importing node grew all run (about 120 more
+/// per patient in twenty minutes), and so did every fetch's answer: RSS then
+/// climbed with the data, which hid whether anything leaked.
+const IMPORT_WORKING_SET: u64 = 2_000;
 const IMPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often every node's RSS is read.
 const RSS_EVERY: Duration = Duration::from_secs(2);
@@ -359,7 +365,8 @@ async fn import_loop(t: Testnet, patients: Vec<NhsNumber>, until: Instant, count
         let entries: Vec<Value> = (0..IMPORT_RECORDS)
             .filter_map(|k| {
                 let nhs = patients.get((n as usize + k) % patients.len().max(1))?;
-                let resource = data::sized_observation(nhs, &node.ods, n + k as u64, 1024);
+                let slot = (n + k as u64) % IMPORT_WORKING_SET;
+                let resource = data::sized_observation(nhs, &node.ods, slot, 1024);
                 Some(json!({
                     "resource": resource,
                     "request": {"method": "PUT", "url": format!(
