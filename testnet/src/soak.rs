@@ -1,8 +1,8 @@
 //! `careweave-testnet soak`: mixed locate, fetch and import on a five-ICB
 //! testnet for a set time, watching every node's memory, then `audit verify`
 //! on every node. It passes when no request failed, no node's RSS grew by
-//! 10% or more after warm-up (judged in runs of five minutes or more), and
-//! every audit log verifies.
+//! 10% or more after warm-up (the first half; judged in runs of an hour or
+//! more), and every audit log verifies.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,8 +43,10 @@ pub const SERIES_EVERY: Duration = Duration::from_secs(10);
 
 /// Largest RSS growth after warm-up that passes.
 const MAX_GROWTH: f64 = 0.10;
-/// Shorter runs report memory but are not judged on it.
-const MIN_SECONDS_FOR_MEMORY: f64 = 300.0;
+/// Shorter runs report memory but are not judged on it: at the soak's load
+/// memory is still filling for 40 to 50 minutes. 59 minutes, so that a
+/// `--minutes 60` run always counts.
+const MIN_SECONDS_FOR_MEMORY: f64 = 3540.0;
 
 /// What `careweave-testnet soak` is asked for.
 #[derive(Debug, Clone)]
@@ -167,11 +169,11 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
     bench::start(&t, say).await?;
     let patients = bench::testnet_patients(&t, PATIENTS_PER_ICB);
     let duration = Duration::from_secs_f64(options.minutes * 60.0);
-    // Warm-up: the first half, at most ten minutes. Measured: each node's
-    // RSS climbs while sled's caches, the replay cache's live set and the
-    // connection buffers fill (60 000 requests in a test without the
-    // network), and levels off after seven to eight minutes of this load.
-    let warm_up = (duration / 2).min(Duration::from_secs(600));
+    // Warm-up: the first half. Measured in an hour at this load: every
+    // node's RSS climbs for 40 to 50 minutes, ever more slowly, and then
+    // holds (under 1% in the last ten). Shorter runs report memory but
+    // cannot judge it (`MIN_SECONDS_FOR_MEMORY`).
+    let warm_up = duration / 2;
     let started = Instant::now();
     let until = started + duration;
     let counts = Arc::new(Counts::default());
@@ -483,7 +485,8 @@ pub fn summary(report: &SoakReport, out: &Path) -> String {
     }
     if !report.judges_memory() {
         lines.push(format!(
-            "memory growth not judged: runs shorter than {MIN_SECONDS_FOR_MEMORY:.0} s are still warming up"
+            "memory growth not judged: at this load memory fills for 40 to 50 minutes, so only runs of {:.0} minutes or more are judged",
+            MIN_SECONDS_FOR_MEMORY / 60.0
         ));
     }
     lines.push(format!("written: {}", out.join("soak.json").display()));
