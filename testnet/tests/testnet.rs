@@ -63,6 +63,13 @@ fn the_demo_tells_its_story_and_exits_zero() {
     );
 }
 
+/// Whether process `pid` has ended (gone, or a zombie awaiting its parent).
+fn ended(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.split(") ").nth(1).unwrap_or("");
+    stat.is_empty() || state.starts_with('Z')
+}
+
 fn pids(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir.join("nodes"))
         .unwrap()
@@ -118,12 +125,7 @@ fn up_status_down_with_three_nodes() {
     assert!(down.status.success());
     assert!(String::from_utf8_lossy(&down.stdout).contains("stopped 3"));
     for pid in running {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.split(") ").nth(1).unwrap_or("");
-        assert!(
-            stat.is_empty() || state.starts_with('Z'),
-            "process {pid} left behind: {stat}"
-        );
+        assert!(ended(&pid), "process {pid} left behind");
     }
     // Down again is harmless.
     let down = Command::new(BIN)
@@ -153,12 +155,7 @@ fn nodes_of_a_testnet_whose_directory_is_removed_stop_by_themselves() {
     std::fs::remove_dir_all(&net).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     for pid in running {
-        loop {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat.split(") ").nth(1).unwrap_or("");
-            if stat.is_empty() || state.starts_with('Z') {
-                break;
-            }
+        while !ended(&pid) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "node {pid} still runs 20 s after its directory was removed"
