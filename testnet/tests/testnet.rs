@@ -63,6 +63,23 @@ fn the_demo_tells_its_story_and_exits_zero() {
     );
 }
 
+/// Starts a testnet of `nodes` ICBs in `net` and checks that `up` succeeded.
+fn up(net: &std::path::Path, nodes: u32, patients: u32) -> std::process::Output {
+    let out = Command::new(BIN)
+        .args(["up", "--nodes", &nodes.to_string()])
+        .args(["--patients", &patients.to_string(), "--dir"])
+        .arg(net)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Whether process `pid` has ended (gone, or a zombie awaiting its parent).
 fn ended(pid: &str) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -83,17 +100,7 @@ fn pids(dir: &std::path::Path) -> Vec<String> {
 fn up_status_down_with_three_nodes() {
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net");
-    let up = Command::new(BIN)
-        .args(["up", "--nodes", "3", "--patients", "5", "--dir"])
-        .arg(&net)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&up.stdout),
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let up = up(&net, 3, 5);
     let text = String::from_utf8_lossy(&up.stdout);
     assert!(text.contains("testnet of 3 ICBs running"), "{text}");
     let running = pids(&net);
@@ -140,16 +147,7 @@ fn up_status_down_with_three_nodes() {
 fn nodes_of_a_testnet_whose_directory_is_removed_stop_by_themselves() {
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net");
-    let up = Command::new(BIN)
-        .args(["up", "--nodes", "2", "--patients", "2", "--dir"])
-        .arg(&net)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    up(&net, 2, 2);
     let running = pids(&net);
     assert_eq!(running.len(), 2);
     std::fs::remove_dir_all(&net).unwrap();
@@ -171,16 +169,7 @@ fn a_list_published_to_one_nodes_api_reaches_the_others() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net");
-    let up = Command::new(BIN)
-        .args(["up", "--nodes", "3", "--patients", "2", "--dir"])
-        .arg(&net)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    up(&net, 3, 2);
     let t = careweave_testnet::setup::load(&net).unwrap();
     // The coordinator makes list 2 with its testnet keys.
     let list1 = std::fs::read(net.join("coord/list.cose")).unwrap();
@@ -233,16 +222,7 @@ fn a_list_published_to_one_nodes_api_reaches_the_others() {
 fn scenarios_break_the_testnet_and_see_it_cope() {
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net");
-    let up = Command::new(BIN)
-        .args(["up", "--nodes", "4", "--patients", "3", "--dir"])
-        .arg(&net)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    up(&net, 4, 3);
     let mut failures = Vec::new();
     for (name, fact) in [
         ("node-down", "flagged: true"),
