@@ -450,8 +450,8 @@ const FLOOD_COOL_DOWN: Duration = Duration::from_secs(10);
 /// reconnection for the rest of the cool-down.
 const MAX_HELD_FOR_FLOODING: usize = 256;
 
-/// Busy answers one peer may get within the window before its connection is
-/// closed: its burst allowance, and never fewer than [`MIN_FLOOD_LIMIT`], so
+/// Busy answers one peer may get within the window before it is shut out:
+/// its burst allowance, and never fewer than [`MIN_FLOOD_LIMIT`], so
 /// a peer that backs off when told it is busy never reaches it.
 fn flood_limit(burst: f64) -> u32 {
     // A float-to-int `as` saturates; the burst is validated positive.
