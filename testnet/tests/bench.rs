@@ -48,6 +48,8 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         "locate p99.9",
         "node RSS under locate load",
         "one of 5 ICBs killed",
+        "locate p50 on a fresh testnet of 3 ICBs",
+        "locate p50 on a fresh testnet of 5 ICBs",
         "locate p50 growth from 3 to 5 ICBs",
         "records per node",
         "fetch throughput",
