@@ -675,7 +675,9 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
         say!("peer id     {}", node.peer_id());
         say!(
             "records     {} for {} patients",
-            node.store.record_count(),
+            node.store
+                .record_count()
+                .map_or_else(|| "unknown".to_owned(), |n| n.to_string()),
             node.store.patient_count()?
         );
         say!("audit log   {} entries", node.audit.len());

@@ -889,9 +889,10 @@ impl Store {
         database.map_or(0, |db| db.db.size_on_disk().unwrap_or(0)) + self.audit.size_on_disk()
     }
 
-    /// Number of records held (0 while the database is closed).
-    pub fn record_count(&self) -> usize {
-        self.database().map_or(0, |db| db.records.len())
+    /// Number of records held; `None` while the database is closed after a
+    /// write failure, when the count cannot be read (it is not zero).
+    pub fn record_count(&self) -> Option<usize> {
+        self.database().ok().map(|db| db.records.len())
     }
 
     /// Number of patients with at least one record.

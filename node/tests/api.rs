@@ -725,7 +725,7 @@ async fn admin_publishes_a_list_that_reaches_the_others_and_unreachable_icbs_sho
         String::from_utf8_lossy(&imported.body)
     );
     assert_eq!(imported.json()["type"], "batch-response");
-    assert_eq!(c.nodes[0].0.store.record_count(), 9);
+    assert_eq!(c.nodes[0].0.store.record_count(), Some(9));
 
     // The coordinator's new list, handed to QHG's admin endpoint, reaches QUE.
     let prev = careweave_protocol::trust::sha256(

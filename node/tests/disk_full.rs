@@ -228,6 +228,8 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     let reason = que.not_ready_reason(T0).unwrap_or_default();
     assert!(reason.contains("disk full"), "{reason}");
     assert!(que.store.health().failed);
+    // The record count cannot be read, and is not reported as zero.
+    assert_eq!(que.store.record_count(), None);
 
     // Space returns. The node is not restarted: the store opens its
     // database again by itself, within its retry wait (at most 30 s).
@@ -250,6 +252,7 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     assert!(!health.failed);
     assert!(health.reopened >= 1, "{health:?}");
     assert_eq!(que.not_ready_reason(T0), None);
+    assert!(que.store.record_count().is_some_and(|n| n >= stored));
 
     // Every acknowledged record is there, nothing is half-written, the
     // clinical API stores again, a locate is answered and the audit log
