@@ -267,6 +267,7 @@ impl Problem {
             StatusCode::SERVICE_UNAVAILABLE => "transient",
             StatusCode::CONFLICT => "conflict",
             StatusCode::UNAUTHORIZED => "security",
+            StatusCode::INTERNAL_SERVER_ERROR => "exception",
             _ => "invalid",
         };
         Self {
@@ -276,6 +277,25 @@ impl Problem {
             message: message.into(),
         }
     }
+
+    /// A fault in the node itself, not in the request.
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_SERVER_ERROR",
+            message,
+        )
+    }
+}
+
+/// Runs store, signing or audit work off the async threads. A task that
+/// panicked or was cancelled is a fault in the node: a 500.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Problem> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Problem::internal(format!("the node's worker task failed: {e}")))
 }
 
 impl IntoResponse for Problem {
@@ -657,13 +677,8 @@ async fn records_inner(
                     .iter()
                     .map(|r| serde_bytes::ByteBuf::from(r.signed.clone()))
                     .collect();
-                let body = careweave_protocol::cbor::encode(&signed).map_err(|e| {
-                    Problem::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "INTERNAL_SERVER_ERROR",
-                        e.to_string(),
-                    )
-                })?;
+                let body = careweave_protocol::cbor::encode(&signed)
+                    .map_err(|e| Problem::internal(e.to_string()))?;
                 return Ok((
                     StatusCode::OK,
                     [(header::CONTENT_TYPE, "application/cose")],
@@ -704,7 +719,7 @@ async fn import(
         ));
     }
     let node = Arc::clone(&state.node);
-    let result = tokio::task::spawn_blocking(move || {
+    let result = blocking(move || {
         Importer {
             store: &node.store,
             record_key: &node.keys.record,
@@ -715,14 +730,7 @@ async fn import(
         .import_bundle("POST /fhir", &bundle)
         .map(|(report, outcomes, kind)| (report.transaction_aborted, outcomes, kind))
     })
-    .await
-    .map_err(|e| {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_SERVER_ERROR",
-            e.to_string(),
-        )
-    })?;
+    .await?;
     let (aborted, outcomes, kind) = match result {
         Ok(r) => r,
         Err(crate::import::ImportError::Store(e)) => {
@@ -832,15 +840,8 @@ async fn admin_trust_list(
     require_admin(&identity)?;
     let node = Arc::clone(&state.node);
     let bytes = body.to_vec();
-    let seq = tokio::task::spawn_blocking(move || node.install_list(&bytes, unix_now()))
-        .await
-        .map_err(|e| {
-            Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "INTERNAL_SERVER_ERROR",
-                e.to_string(),
-            )
-        })?
+    let seq = blocking(move || node.install_list(&bytes, unix_now()))
+        .await?
         .map_err(|e| Problem::new(StatusCode::CONFLICT, "INVALID_RESOURCE", e.to_string()))?;
     let _ = state.network.trust_changed().await;
     Ok(Json(json!({"installed": true, "seq": seq})).into_response())
@@ -912,20 +913,13 @@ async fn transparency(State(state): State<Arc<ApiState>>) -> Result<Response, Pr
     let node = Arc::clone(&state.node);
     let tally = Arc::clone(&state.transparency);
     let suppress_below = node.config.transparency.suppress_below;
-    let report = tokio::task::spawn_blocking(move || {
+    let report = blocking(move || {
         let mut tally = tally
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         crate::transparency::report(&node, &mut tally, suppress_below, unix_now())
     })
-    .await
-    .map_err(|e| {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_SERVER_ERROR",
-            e.to_string(),
-        )
-    })?
+    .await?
     .map_err(|e| {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1366,5 +1360,40 @@ impl ApiState {
                 crate::transparency::REPORT_DAYS,
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_status_gets_the_fhir_issue_type_a_client_acts_on() {
+        for (status, issue) in [
+            (StatusCode::BAD_REQUEST, "invalid"),
+            (StatusCode::UNAUTHORIZED, "security"),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            (StatusCode::NOT_FOUND, "not-found"),
+            (StatusCode::CONFLICT, "conflict"),
+            (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
+            (StatusCode::SERVICE_UNAVAILABLE, "transient"),
+        ] {
+            assert_eq!(Problem::new(status, "X", "m").issue, issue, "{status}");
+        }
+        let internal = Problem::internal("the worker failed");
+        assert_eq!(internal.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(internal.code, "INTERNAL_SERVER_ERROR");
+    }
+
+    #[tokio::test]
+    async fn a_worker_task_that_panics_is_a_500_not_a_crash() {
+        let problem = blocking(|| -> () { panic!("a fault in the node") })
+            .await
+            .err()
+            .map(|p| (p.status, p.issue));
+        assert_eq!(
+            problem,
+            Some((StatusCode::INTERNAL_SERVER_ERROR, "exception"))
+        );
     }
 }
