@@ -305,9 +305,9 @@ pub async fn control(
     serde_json::from_str(&line).map_err(std::io::Error::other)
 }
 
-/// Threads for blocking work (signing, checks, audit syncs): bounded like
-/// every other pool (tokio's default is 512). Inbound requests are already
-/// bounded by `max_inflight_total`; past 32 threads they queue here.
+/// Threads for blocking work (outbound signing and checks, API requests,
+/// audit syncs): bounded like every other pool (tokio's default is 512).
+/// Inbound requests have a thread of their own (`net::answerer`).
 const BLOCKING_THREADS: usize = 32;
 
 /// How often expired replay-cache entries are dropped.

@@ -108,6 +108,17 @@ pub enum Inbound {
     Drop(String),
 }
 
+/// An inbound request handed to [`Node::answer_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct BatchedRequest<'a> {
+    pub protocol: ProtocolId,
+    pub bytes: &'a [u8],
+    /// The peer the transport authenticated.
+    pub remote: &'a PeerIdBytes,
+    /// Over the sender's rate or this node's capacity: answered "busy".
+    pub busy: bool,
+}
+
 /// Why an outbound request could not be prepared.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
@@ -216,6 +227,7 @@ struct Exchange<'a> {
     requester: &'a Member,
     hash: [u8; 32],
     now: u64,
+    durability: Durability,
 }
 
 /// What the node holds about a patient, read once per request.
@@ -479,12 +491,64 @@ impl Node {
     // Inbound.
 
     /// Handles one inbound request from the peer authenticated as `remote`.
+    /// Its audit entry is durable before the answer is returned.
     pub fn handle_request(
         &self,
         protocol: ProtocolId,
         bytes: &[u8],
         remote: &PeerIdBytes,
         now: u64,
+    ) -> Inbound {
+        self.handle_request_with(protocol, bytes, remote, now, Durability::Now)
+    }
+
+    /// Answers a batch of inbound requests with one audit sync for all of
+    /// them. Nothing is returned for release until every entry is durable;
+    /// if the sync fails, no answer is released.
+    pub fn answer_batch<'a>(
+        &self,
+        requests: impl IntoIterator<Item = BatchedRequest<'a>>,
+        now: u64,
+    ) -> Vec<Inbound> {
+        let answers: Vec<Inbound> = requests
+            .into_iter()
+            .map(|r| {
+                if r.busy {
+                    self.refuse_busy(
+                        r.protocol,
+                        r.bytes,
+                        r.remote,
+                        1000,
+                        now,
+                        Durability::Deferred,
+                    )
+                } else {
+                    self.handle_request_with(
+                        r.protocol,
+                        r.bytes,
+                        r.remote,
+                        now,
+                        Durability::Deferred,
+                    )
+                }
+            })
+            .collect();
+        if self.sync_audit().is_err() {
+            return answers
+                .iter()
+                .map(|_| Inbound::Drop("audit unavailable".to_owned()))
+                .collect();
+        }
+        answers
+    }
+
+    fn handle_request_with(
+        &self,
+        protocol: ProtocolId,
+        bytes: &[u8],
+        remote: &PeerIdBytes,
+        now: u64,
+        durability: Durability,
     ) -> Inbound {
         let request_hash = envelope::message_hash(bytes);
         let Some(list) = self.current_list(now) else {
@@ -501,6 +565,7 @@ impl Node {
                 "trust-unavailable",
                 &reason,
                 now,
+                durability,
             );
             return Inbound::Drop(reason);
         };
@@ -547,6 +612,7 @@ impl Node {
                 ErrorCode::Internal,
                 "the node could not record the request; try again",
                 now,
+                durability,
             );
         }
         let opened = match opened {
@@ -570,6 +636,7 @@ impl Node {
                     code,
                     &e.to_string(),
                     now,
+                    durability,
                 );
             }
         };
@@ -585,6 +652,7 @@ impl Node {
                     requester: &requester,
                     hash: opened.hash,
                     now,
+                    durability,
                 },
                 &local,
                 request,
@@ -597,6 +665,7 @@ impl Node {
                     requester: &requester,
                     hash: opened.hash,
                     now,
+                    durability,
                 },
                 &local,
                 request,
@@ -615,6 +684,7 @@ impl Node {
                 ErrorCode::BadRequest,
                 &format!("{:?} is not a request", other.kind()),
                 now,
+                durability,
             ),
         }
     }
@@ -630,11 +700,12 @@ impl Node {
         reason: &str,
         detail: &str,
         now: u64,
+        durability: Durability,
     ) -> Result<u64, AuditError> {
         if protocol == ProtocolId::Trust {
             return Ok(0);
         }
-        self.append_audit(&AuditEntry {
+        let entry = AuditEntry {
             time: now,
             direction: Direction::Inbound,
             protocol: protocol_name(protocol).to_owned(),
@@ -649,11 +720,8 @@ impl Node {
             request_hash: request_hash.to_vec(),
             emergency: context.is_some_and(|(c, _)| c.break_glass_reason.is_some()),
             not_shared: vec![],
-        })
-    }
-
-    fn append_audit(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
-        self.append_audit_with(entry, Durability::Now)
+        };
+        self.append_audit_with(&entry, durability)
     }
 
     fn append_audit_with(
@@ -686,6 +754,7 @@ impl Node {
         code: ErrorCode,
         detail: &str,
         now: u64,
+        durability: Durability,
     ) -> Inbound {
         self.metrics.refuse(reason);
         if self
@@ -698,6 +767,7 @@ impl Node {
                 reason,
                 detail,
                 now,
+                durability,
             )
             .is_err()
         {
@@ -824,6 +894,7 @@ impl Node {
             code,
             detail,
             ex.now,
+            ex.durability,
         )
     }
 
@@ -847,7 +918,7 @@ impl Node {
         entry: &AuditEntry,
         payload: &P,
     ) -> Inbound {
-        if self.append_audit(entry).is_err() {
+        if self.append_audit_with(entry, ex.durability).is_err() {
             return self.reply_exchange(
                 ex,
                 &ErrorMessage {
@@ -1183,13 +1254,14 @@ impl Node {
 
     /// Answers a request this node has no capacity for with a signed
     /// "busy" error (never a silent drop), counted and audited.
-    pub fn refuse_busy(
+    fn refuse_busy(
         &self,
         protocol: ProtocolId,
         bytes: &[u8],
         remote: &PeerIdBytes,
         retry_after_ms: u64,
         now: u64,
+        durability: Durability,
     ) -> Inbound {
         let request_hash = envelope::message_hash(bytes);
         let Some(list) = self.current_list(now) else {
@@ -1207,6 +1279,7 @@ impl Node {
                 "busy",
                 "over the rate or in-flight limit",
                 now,
+                durability,
             )
             .is_err()
         {
@@ -1270,6 +1343,7 @@ impl Node {
             "flooding",
             &detail,
             now,
+            Durability::Now,
         );
     }
 
@@ -1302,6 +1376,7 @@ impl Node {
             reason,
             detail,
             now,
+            Durability::Now,
         );
     }
 

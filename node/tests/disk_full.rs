@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 use careweave_node::import::{ImportError, Importer};
-use careweave_node::node::{Inbound, Node};
+use careweave_node::node::{BatchedRequest, Inbound, Node};
 use careweave_node::store::Store;
 use careweave_protocol::envelope::ProtocolId;
 use careweave_protocol::message::{LocateRequest, Purpose};
@@ -395,4 +395,75 @@ fn an_audit_write_cut_short_by_a_full_disk_leaves_no_partial_record() {
     let store = reopen(&store_dir);
     careweave_node::audit::verify(&store, &keys("QUE").log.public_key()).unwrap();
     assert_eq!(store.audit_len().unwrap(), appended);
+}
+
+/// Requests answered together share one audit sync. When that sync fails,
+/// none of the batch's answers may go out, since none of their entries is
+/// known to be on disk.
+#[test]
+fn a_batch_whose_audit_sync_fails_releases_no_answer() {
+    let Some(disk) = SmallDisk::mount(16) else {
+        return;
+    };
+    let (coordinator, list) = network();
+    let store_dir = disk.path.join("store");
+    let store = Store::open(&store_dir, 1 << 20).unwrap();
+    let que = Node::new(config("QUE"), keys("QUE"), store, T0).unwrap();
+    que.install_root(&coordinator.root_bytes(), T0).unwrap();
+    que.install_list(&list, T0).unwrap();
+    let qhg = open("QHG", &coordinator, &list);
+    let locate = |i: usize, now: u64| {
+        let request = LocateRequest {
+            nhs_number: NhsNumber::parse(&common::nhs_for(i)).unwrap(),
+            context: context(Purpose::Treat),
+            sections: None,
+        };
+        qhg.node
+            .prepare_locate(&OdsCode::parse("QUE").unwrap(), &request, now)
+            .unwrap()
+            .bytes
+    };
+    let batch = |requests: &[Vec<u8>], now: u64| {
+        que.answer_batch(
+            requests.iter().map(|bytes| BatchedRequest {
+                protocol: ProtocolId::Locate,
+                bytes,
+                remote: qhg.node.peer_id(),
+                busy: false,
+            }),
+            now,
+        )
+    };
+
+    // The disk fills.
+    let filler = fill(&disk.path);
+    let requests: Vec<Vec<u8>> = (0..4).map(|i| locate(i, T0)).collect();
+    let answers = batch(&requests, T0);
+    assert_eq!(answers.len(), 4);
+    for answer in &answers {
+        assert!(
+            matches!(answer, Inbound::Drop(_)),
+            "an answer went out with its audit entry not on disk: {answer:?}"
+        );
+    }
+
+    // Space returns: the node answers again, without a restart.
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let answers = loop {
+        let requests: Vec<Vec<u8>> = (10..14).map(|i| locate(i, T0 + 1)).collect();
+        let answers = batch(&requests, T0 + 1);
+        if answers.iter().all(|a| matches!(a, Inbound::Reply(_))) {
+            break answers;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answers 90 s after space returned: {answers:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(answers.len(), 4);
+    drop(que);
+    let store = reopen(&store_dir);
+    careweave_node::audit::verify(&store, &keys("QUE").log.public_key()).unwrap();
 }

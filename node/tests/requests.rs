@@ -11,7 +11,9 @@ mod common;
 
 use careweave_node::audit::{self, AuditEntry};
 use careweave_node::import::Importer;
-use careweave_node::node::{FetchAnswer, Inbound, LocateAnswer, Node, ResponseError};
+use careweave_node::node::{
+    BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, ResponseError,
+};
 use careweave_node::store::PatientFlags;
 use careweave_protocol::cbor::{self, Limits};
 use careweave_protocol::envelope::{self, ProtocolId, Seal};
@@ -174,6 +176,85 @@ fn locate_then_fetch_across_two_nodes() {
         "records travel unchanged from ingest"
     );
     assert_eq!(last_entry(&que.node).outcome, "answered");
+}
+
+/// Requests answered as one batch get the same answers and audit entries,
+/// in order, as requests answered one at a time: a replay inside the batch
+/// is caught and a busy request is told so.
+#[test]
+fn a_batch_is_answered_in_order_and_every_request_audited() {
+    let (qhg, que) = pair();
+    let first = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    let second = qhg
+        .node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap();
+    let before = que.node.store.audit_len().unwrap();
+    let batch = [
+        (&first.bytes, false),
+        (&second.bytes, false),
+        (&first.bytes, false),
+        (&second.bytes, true),
+    ];
+    let answers = que.node.answer_batch(
+        batch.iter().map(|(bytes, busy)| BatchedRequest {
+            protocol: ProtocolId::Locate,
+            bytes,
+            remote: qhg.node.peer_id(),
+            busy: *busy,
+        }),
+        T0,
+    );
+    assert_eq!(answers.len(), 4);
+    let mut answers = answers.into_iter().map(reply);
+    for request in [&first, &second] {
+        let Ok(LocateAnswer::Answered(answer)) =
+            qhg.node
+                .accept_locate_response(request, &answers.next().unwrap(), T0 + 1)
+        else {
+            panic!("not answered")
+        };
+        assert_eq!(answer.pointers.len(), 7);
+    }
+    let code = |bytes: Vec<u8>| {
+        let s = careweave_protocol::cose::Sign1::decode(&bytes, 1 << 20).unwrap();
+        cbor::decode::<careweave_protocol::message::ErrorMessage>(&s.payload, Limits::MESSAGE)
+            .unwrap()
+            .code
+    };
+    assert_eq!(code(answers.next().unwrap()), ErrorCode::Unauthorised);
+    assert_eq!(code(answers.next().unwrap()), ErrorCode::Busy);
+
+    let entries: Vec<AuditEntry> = (before..before + 4)
+        .map(|i| {
+            cbor::decode(
+                &que.node.store.audit_entry(i).unwrap().unwrap(),
+                Limits::MESSAGE,
+            )
+            .unwrap()
+        })
+        .collect();
+    let outcomes: Vec<(&str, Option<&str>)> = entries
+        .iter()
+        .map(|e| {
+            let reason = e.reason.as_deref().and_then(|r| r.split(':').next());
+            (e.outcome.as_str(), reason)
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("answered", None),
+            ("answered", None),
+            ("refused", Some("replayed")),
+            ("refused", Some("busy")),
+        ]
+    );
+    assert_eq!(que.node.store.audit_len().unwrap(), before + 4);
+    audit::verify(&que.node.store, &keys("QUE").log.public_key()).unwrap();
 }
 
 fn envelope_payload(bytes: &[u8]) -> careweave_protocol::message::Message {

@@ -5,6 +5,7 @@
 //! replies. Signing, verification, policy and audit happen in the node
 //! ([`crate::node::Node`]) on blocking threads, never in the event loop.
 
+mod answerer;
 pub mod codec;
 
 use std::collections::{HashMap, HashSet};
@@ -494,7 +495,8 @@ pub struct EventLoop {
     node: Arc<Node>,
     config: NetConfig,
     commands: mpsc::Receiver<Command>,
-    finished_tx: mpsc::Sender<Finished>,
+    /// The thread that answers inbound requests; its answers come back on `finished`.
+    answerer: answerer::Answerer,
     finished: mpsc::Receiver<Finished>,
     validated_tx: mpsc::Sender<Validated>,
     validated: mpsc::Receiver<Validated>,
@@ -614,6 +616,11 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         .build();
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (finished_tx, finished) = mpsc::channel(RESPONSE_QUEUE);
+    // Inbound requests in flight never exceed `max_inflight_total`, so a
+    // queue that size never turns one away.
+    let answerer =
+        answerer::Answerer::start(Arc::clone(&node), config.max_inflight_total, finished_tx)
+            .map_err(|e| NetError::Task(format!("could not start the answering thread: {e}")))?;
     let (validated_tx, validated) = mpsc::channel(RESPONSE_QUEUE);
     let handle = NetworkHandle {
         commands: commands_tx,
@@ -625,7 +632,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         node,
         config,
         commands,
-        finished_tx,
+        answerer,
         finished,
         validated_tx,
         validated,
@@ -950,24 +957,21 @@ impl EventLoop {
             });
             return;
         }
+        let job = answerer::Job {
+            protocol,
+            peer,
+            remote,
+            request,
+            channel,
+            busy,
+        };
+        if let Err(e) = self.answerer.submit(job) {
+            // Cannot happen while the in-flight limit holds and the thread runs.
+            tracing::error!(%peer, error = %e, "inbound request dropped");
+            return;
+        }
         self.inflight_total += 1;
         *self.inflight.entry(peer).or_default() += 1;
-        let node = Arc::clone(&self.node);
-        let tx = self.finished_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let now = unix_now();
-            let inbound = if busy {
-                node.refuse_busy(protocol, &request, &remote, 1000, now)
-            } else {
-                node.handle_request(protocol, &request, &remote, now)
-            };
-            let _ = tx.blocking_send(Finished {
-                protocol,
-                peer,
-                channel,
-                inbound,
-            });
-        });
     }
 
     fn on_response(
