@@ -12,7 +12,7 @@ mod common;
 use careweave_node::audit::{self, AuditEntry};
 use careweave_node::import::Importer;
 use careweave_node::node::{
-    BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, ResponseError,
+    BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest, ResponseError,
 };
 use careweave_node::store::PatientFlags;
 use careweave_protocol::cbor::{self, Limits};
@@ -58,6 +58,13 @@ fn locate_request(purpose: Purpose) -> LocateRequest {
     }
 }
 
+/// A signed locate from `from` to QUE, for treatment, at T0.
+fn treat_locate(from: &TestNode) -> OutboundRequest {
+    from.node
+        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
+        .unwrap()
+}
+
 fn pair() -> (TestNode, TestNode) {
     let (coordinator, list) = network();
     let qhg = open("QHG", &coordinator, &list);
@@ -82,10 +89,7 @@ fn last_entry(node: &Node) -> AuditEntry {
 #[test]
 fn locate_then_fetch_across_two_nodes() {
     let (qhg, que) = pair();
-    let request = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
+    let request = treat_locate(&qhg);
     // The outbound request is audited before it is sent.
     assert_eq!(last_entry(&qhg.node).outcome, "sent");
     let response =
@@ -184,14 +188,8 @@ fn locate_then_fetch_across_two_nodes() {
 #[test]
 fn a_batch_is_answered_in_order_and_every_request_audited() {
     let (qhg, que) = pair();
-    let first = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
-    let second = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
+    let first = treat_locate(&qhg);
+    let second = treat_locate(&qhg);
     let before = que.node.store.audit_len().unwrap();
     let batch = [
         (&first.bytes, false),
@@ -317,11 +315,7 @@ fn seal_as(
 fn each_bad_request_is_refused_with_its_own_reason_and_audited() {
     let (qhg, que) = pair();
     let qhg_peer = qhg.node.peer_id().clone();
-    let good = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap()
-        .bytes;
+    let good = treat_locate(&qhg).bytes;
 
     // Tampered.
     let mut tampered = good.clone();
@@ -660,10 +654,7 @@ fn a_consumer_only_node_is_not_asked_and_does_not_answer() {
 #[test]
 fn expired_trust_fails_closed_with_a_reason() {
     let (qhg, que) = pair();
-    let request = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
+    let request = treat_locate(&qhg);
     let later = T0 + 30 * DAY;
     let Inbound::Drop(reason) = que.node.handle_request(
         ProtocolId::Locate,
@@ -690,14 +681,8 @@ fn expired_trust_fails_closed_with_a_reason() {
 #[test]
 fn responses_must_answer_our_request_and_carry_true_records() {
     let (qhg, que) = pair();
-    let first = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
-    let second = qhg
-        .node
-        .prepare_locate(&ods("QUE"), &locate_request(Purpose::Treat), T0)
-        .unwrap();
+    let first = treat_locate(&qhg);
+    let second = treat_locate(&qhg);
     let response =
         reply(
             que.node
