@@ -356,10 +356,46 @@ const PARALLEL_ENCODING_FROM: usize = 64;
 /// Reads a stored record, compressed or (as schema 1 wrote them) not.
 fn decode_record(bytes: &[u8]) -> Result<StoredRecord, StoreError> {
     if bytes.starts_with(&ZSTD_MAGIC) {
-        let plain = zstd::bulk::decompress(bytes, MAX_RECORD_BYTES).map_err(corrupt)?;
-        decode(&plain)
+        decode(&decompress_record(bytes)?)
     } else {
         decode(bytes)
+    }
+}
+
+/// Decompresses a stored record into a buffer the size its frame declares.
+/// Sizing it to the 16 MiB limit instead cost a 16 MiB allocation per read,
+/// which glibc came to serve from, and keep in, a heap.
+fn decompress_record(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let too_big = || {
+        corrupt(format!(
+            "record decompresses to over {MAX_RECORD_BYTES} bytes"
+        ))
+    };
+    match zstd::zstd_safe::get_frame_content_size(bytes) {
+        Ok(Some(declared)) => {
+            let declared = usize::try_from(declared)
+                .ok()
+                .filter(|n| *n <= MAX_RECORD_BYTES)
+                .ok_or_else(too_big)?;
+            // A frame holding more than it declares fails here for want of room.
+            zstd::bulk::decompress(bytes, declared).map_err(corrupt)
+        }
+        // Frames this store writes declare their size; one that does not is
+        // read as a stream, stopping just past the limit.
+        Ok(None) => {
+            use std::io::Read;
+            let mut plain = Vec::new();
+            zstd::stream::read::Decoder::new(bytes)
+                .map_err(corrupt)?
+                .take(MAX_RECORD_BYTES as u64 + 1)
+                .read_to_end(&mut plain)
+                .map_err(corrupt)?;
+            if plain.len() > MAX_RECORD_BYTES {
+                return Err(too_big());
+            }
+            Ok(plain)
+        }
+        Err(e) => Err(corrupt(format!("unreadable zstd frame header: {e:?}"))),
     }
 }
 
@@ -1276,6 +1312,44 @@ mod tests {
             .unwrap();
         assert!(matches!(
             store.record("Condition", "c3"),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn a_record_is_decompressed_into_a_buffer_of_its_own_size() {
+        let plain = encode(&record("9990000018", "c1")).unwrap();
+        let framed = zstd::bulk::compress(&plain, RECORD_COMPRESSION_LEVEL).unwrap();
+        let back = decompress_record(&framed).unwrap();
+        assert_eq!(back, plain);
+        assert!(
+            back.capacity() < 64 * 1024,
+            "{} bytes held",
+            back.capacity()
+        );
+    }
+
+    #[test]
+    fn a_frame_that_does_not_declare_its_size_is_read_up_to_the_limit() {
+        let stream = |plain: &[u8]| {
+            let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+            std::io::Write::write_all(&mut encoder, plain).unwrap();
+            encoder.finish().unwrap()
+        };
+        let plain = encode(&record("9990000018", "c1")).unwrap();
+        let framed = stream(&plain);
+        assert!(matches!(
+            zstd::zstd_safe::get_frame_content_size(&framed),
+            Ok(None)
+        ));
+        assert_eq!(decompress_record(&framed).unwrap(), plain);
+        let bomb = stream(&vec![0u8; MAX_RECORD_BYTES + 1]);
+        assert!(matches!(
+            decompress_record(&bomb),
+            Err(StoreError::Corrupt(message)) if message.contains("over")
+        ));
+        assert!(matches!(
+            decompress_record(&ZSTD_MAGIC),
             Err(StoreError::Corrupt(_))
         ));
     }
