@@ -5,6 +5,13 @@
 // serde_json's `Value[&str]` answers Null for anything missing; it never panics.
 #![allow(clippy::indexing_slicing)]
 
+/// jemalloc, not glibc's allocator: glibc kept the memory that sled's
+/// background thread freed, so a node's RSS stepped up and stayed up
+/// (decision 0017).
+#[cfg(unix)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// `println!` that ignores a closed stdout (`| head`), where `println!`
 /// would panic; the command still finishes its work and cleans up.
 macro_rules! say {
