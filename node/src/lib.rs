@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod allocator;
 pub mod api;
 pub mod audit;
 pub mod config;

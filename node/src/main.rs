@@ -727,6 +727,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run_node(loaded: LoadedConfig) -> Result<ExitCode> {
+    #[cfg(unix)]
+    if let Err(e) = careweave_node::allocator::jemalloc::start() {
+        tracing::warn!("{e}; freed memory may be returned late");
+    }
     daemon::run(loaded)?;
     Ok(ExitCode::SUCCESS)
 }

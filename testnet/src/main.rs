@@ -295,6 +295,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_writer(std::io::stderr)
                 .try_init();
             stop_when_removed(config);
+            #[cfg(unix)]
+            if let Err(e) = careweave_node::allocator::jemalloc::start() {
+                tracing::warn!("{e}; freed memory may be returned late");
+            }
             careweave_node::daemon::run(loaded)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -2,7 +2,7 @@
 //! testnet for a set time, watching every node's memory, then `audit verify`
 //! on every node. It passes when no request failed, no node's RSS grew by
 //! 10% or more after warm-up (the first half; judged in runs of an hour or
-//! more), and every audit log verifies.
+//! more, on five-minute means), and every audit log verifies.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +43,11 @@ pub const SERIES_EVERY: Duration = Duration::from_secs(10);
 
 /// Largest RSS growth after warm-up that passes.
 const MAX_GROWTH: f64 = 0.10;
+/// RSS is judged on its mean over this long, just after warm-up and at the
+/// end: with jemalloc a node's RSS moves by up to 10% from one minute to
+/// the next as freed pages are returned, so two single readings judged
+/// that movement, not growth.
+const JUDGE_WINDOW: Duration = Duration::from_secs(300);
 /// Shorter runs report memory but are not judged on it: at the soak's load
 /// memory is still filling for 40 to 50 minutes. 59 minutes, so that a
 /// `--minutes 60` run always counts.
@@ -67,11 +72,10 @@ pub struct SoakReport {
     pub imports: u64,
     pub imported_records: u64,
     pub import_failures: u64,
-    /// Per node: ODS, RSS at the end of warm-up, at the end, and the peak (MiB).
-    pub rss: Vec<(String, f64, f64, f64)>,
-    /// Per node: ODS and its RSS (MiB) every [`SERIES_EVERY`], to show
-    /// whether memory levels off or keeps climbing.
-    pub rss_series: Vec<(String, Vec<f64>)>,
+    /// Seconds of warm-up, after which memory must hold.
+    pub warm_up_seconds: f64,
+    /// Every node's memory over the run.
+    pub memory: Vec<NodeMemory>,
     /// Per node: ODS and `audit verify`'s verdict.
     pub audit: Vec<(String, Result<u64, String>)>,
 }
@@ -92,10 +96,15 @@ impl SoakReport {
         if self.locates == 0 || self.fetches == 0 || self.imports == 0 {
             problems.push("some kind of request never ran".into());
         }
-        for (ods, warm, end, _) in self.rss.iter().filter(|_| self.judges_memory()) {
-            if *warm > 0.0 && end / warm - 1.0 >= MAX_GROWTH {
+        for node in self.memory.iter().filter(|_| self.judges_memory()) {
+            let (Some(warm), Some(end)) = self.window_means(&node.rss) else {
+                problems.push(format!("{}: too few RSS readings to judge", node.ods));
+                continue;
+            };
+            if warm > 0.0 && end / warm - 1.0 >= MAX_GROWTH {
                 problems.push(format!(
-                    "{ods} grew from {warm:.1} to {end:.1} MiB after warm-up"
+                    "{} grew from {warm:.1} to {end:.1} MiB after warm-up (five-minute means)",
+                    node.ods
                 ));
             }
         }
@@ -113,6 +122,28 @@ impl SoakReport {
         self.seconds >= MIN_SECONDS_FOR_MEMORY
     }
 
+    /// The mean of `series` over [`JUDGE_WINDOW`] just after warm-up, and
+    /// over the last [`JUDGE_WINDOW`]. In a run too short for two whole
+    /// windows after warm-up, each window is half of what follows it.
+    pub fn window_means(&self, series: &[Option<f64>]) -> (Option<f64>, Option<f64>) {
+        let every = SERIES_EVERY.as_secs_f64();
+        let start = ((self.warm_up_seconds / every).ceil() as usize).min(series.len());
+        let after = series.len() - start;
+        let width = ((JUDGE_WINDOW.as_secs_f64() / every) as usize)
+            .min(after / 2)
+            .max(1);
+        let mean = |points: &[Option<f64>]| {
+            let read: Vec<f64> = points.iter().flatten().copied().collect();
+            (!read.is_empty()).then(|| read.iter().sum::<f64>() / read.len() as f64)
+        };
+        if after == 0 {
+            return (None, None);
+        }
+        let first = series.get(start..start + width.min(after)).and_then(mean);
+        let last = series.get(series.len() - width.min(after)..).and_then(mean);
+        (first, last)
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "seconds": self.seconds,
@@ -123,12 +154,30 @@ impl SoakReport {
             "imports": self.imports,
             "imported_records": self.imported_records,
             "import_failures": self.import_failures,
-            "rss_mib": self.rss.iter().map(|(ods, warm, end, peak)| json!({
-                "ods": ods, "after_warm_up": warm, "end": end, "peak": peak,
-            })).collect::<Vec<_>>(),
+            "warm_up_seconds": self.warm_up_seconds,
+            "judged_on": format!(
+                "mean RSS over {} s after warm-up against the last {} s",
+                JUDGE_WINDOW.as_secs(),
+                JUDGE_WINDOW.as_secs()
+            ),
+            "rss_mib": self.memory.iter().map(|node| {
+                let (warm, end) = self.window_means(&node.rss);
+                let (allocated_warm, allocated_end) = self.window_means(&node.allocated);
+                json!({
+                    "ods": node.ods, "after_warm_up": warm, "end": end, "peak": node.peak,
+                    "allocated_after_warm_up": allocated_warm,
+                    "allocated_end": allocated_end,
+                })
+            }).collect::<Vec<_>>(),
             "rss_series_every_seconds": SERIES_EVERY.as_secs(),
-            "rss_series_mib": self.rss_series.iter().map(|(ods, series)| json!({
-                "ods": ods, "mib": series,
+            "rss_series_mib": self.memory.iter().map(|node| json!({
+                "ods": node.ods, "mib": node.rss,
+            })).collect::<Vec<_>>(),
+            "allocated_series_mib": self.memory.iter().map(|node| json!({
+                "ods": node.ods, "mib": node.allocated,
+            })).collect::<Vec<_>>(),
+            "allocator_resident_series_mib": self.memory.iter().map(|node| json!({
+                "ods": node.ods, "mib": node.allocator_resident,
             })).collect::<Vec<_>>(),
             "audit": self.audit.iter().map(|(ods, v)| json!({
                 "ods": ods,
@@ -201,11 +250,7 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
         until,
         Arc::clone(&counts),
     )));
-    let sampler = {
-        let nodes = t.nodes.clone();
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || sample_all(&nodes, started, warm_up, &stop))
-    };
+    let sampler = tokio::spawn(sample_all(t.clone(), started, Arc::clone(&stop)));
     let mut last_said = Instant::now();
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -227,9 +272,9 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
         task.await.map_err(err)?;
     }
     stop.store(true, Ordering::Relaxed);
-    let (rss, rss_series) = sampler
-        .join()
-        .map_err(|_| "the RSS sampler panicked".to_owned())?;
+    let memory = sampler
+        .await
+        .map_err(|_| "the memory sampler panicked".to_owned())?;
     let seconds = started.elapsed().as_secs_f64();
     setup::stop_all(&t.dir);
     let audit = t
@@ -246,8 +291,8 @@ pub async fn run(options: &SoakOptions, say: &dyn Fn(&str)) -> Result<SoakReport
         imports: counts.imports.load(Ordering::Relaxed),
         imported_records: counts.imported_records.load(Ordering::Relaxed),
         import_failures: counts.import_failures.load(Ordering::Relaxed),
-        rss,
-        rss_series,
+        warm_up_seconds: warm_up.as_secs_f64(),
+        memory,
         audit,
     };
     std::fs::create_dir_all(&options.out).map_err(err)?;
@@ -402,51 +447,88 @@ async fn import_loop(t: Testnet, patients: Vec<NhsNumber>, until: Instant, count
     }
 }
 
-/// One node's RSS readings: at the end of warm-up, the last and the peak
-/// (MiB).
-type RssReadings = Vec<(String, f64, f64, f64)>;
+/// One node's memory over a soak. Series points are `None` where a
+/// reading failed.
+#[derive(Debug, Clone, Default)]
+pub struct NodeMemory {
+    pub ods: String,
+    /// RSS every [`SERIES_EVERY`], MiB.
+    pub rss: Vec<Option<f64>>,
+    /// What the node's allocator holds for the program (jemalloc's
+    /// `allocated`, from `/metrics`) at the same points, MiB: it climbs only
+    /// if the node keeps more data, where RSS also climbs when the
+    /// allocator keeps freed pages.
+    pub allocated: Vec<Option<f64>>,
+    /// The allocator's resident memory at the same points, MiB.
+    pub allocator_resident: Vec<Option<f64>>,
+    /// The highest RSS read (every [`RSS_EVERY`]), MiB.
+    pub peak: f64,
+}
 
-/// Reads every node's RSS until stopped. Per node: RSS at the end of
-/// warm-up, the last reading and the peak, in MiB; and a reading every
-/// [`SERIES_EVERY`].
-fn sample_all(
-    nodes: &[NodeInfo],
-    started: Instant,
-    warm_up: Duration,
-    stop: &AtomicBool,
-) -> (RssReadings, Vec<(String, Vec<f64>)>) {
+/// Reads every node's memory until stopped: RSS every [`RSS_EVERY`] for
+/// the peak, and every [`SERIES_EVERY`] RSS and the allocator's figures.
+async fn sample_all(t: Testnet, started: Instant, stop: Arc<AtomicBool>) -> Vec<NodeMemory> {
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-    let mut seen: RssReadings = nodes
+    let tenth = |value: f64| (value * 10.0).round() / 10.0;
+    let client = ApiClient::new(
+        &t.dir.join("api-ca/ca.pem"),
+        &t.dir.join("api-ca/client/cert.pem"),
+        &t.dir.join("api-ca/client/key.pem"),
+    )
+    .ok();
+    let mut memory: Vec<NodeMemory> = t
+        .nodes
         .iter()
-        .map(|n| (n.ods.clone(), 0.0, 0.0, 0.0))
+        .map(|node| NodeMemory {
+            ods: node.ods.clone(),
+            ..NodeMemory::default()
+        })
         .collect();
-    let mut series: Vec<(String, Vec<f64>)> =
-        nodes.iter().map(|n| (n.ods.clone(), Vec::new())).collect();
     let mut next_point = started;
     while !stop.load(Ordering::Relaxed) {
-        let warm = started.elapsed() >= warm_up;
         let point = Instant::now() >= next_point;
         if point {
             next_point += SERIES_EVERY;
         }
-        for ((node, slot), (_, points)) in nodes.iter().zip(seen.iter_mut()).zip(series.iter_mut())
-        {
-            let Some(rss) = bench::pid(node).and_then(bench::rss_bytes) else {
-                continue;
-            };
-            let rss = mib(rss);
-            if !warm || slot.1 == 0.0 {
-                slot.1 = rss;
+        for (node, seen) in t.nodes.iter().zip(memory.iter_mut()) {
+            let rss = bench::pid(node).and_then(bench::rss_bytes).map(mib);
+            if let Some(rss) = rss {
+                seen.peak = seen.peak.max(tenth(rss));
             }
-            slot.2 = rss;
-            slot.3 = slot.3.max(rss);
             if point {
-                points.push((rss * 10.0).round() / 10.0);
+                let figures = match &client {
+                    Some(client) => allocator_figures(client, node).await,
+                    None => None,
+                };
+                seen.rss.push(rss.map(tenth));
+                seen.allocated
+                    .push(figures.map(|(allocated, _)| tenth(mib(allocated))));
+                seen.allocator_resident
+                    .push(figures.map(|(_, resident)| tenth(mib(resident))));
             }
         }
-        std::thread::sleep(RSS_EVERY);
+        tokio::time::sleep(RSS_EVERY).await;
     }
-    (seen, series)
+    memory
+}
+
+/// The node's allocator figures from `/metrics`: allocated and resident
+/// bytes, or `None` when the node does not report them.
+async fn allocator_figures(client: &ApiClient, node: &NodeInfo) -> Option<(u64, u64)> {
+    let answer = client
+        .call(node.api_port, "GET", "/metrics", &[], Vec::new())
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&answer.body);
+    let figure = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    Some((
+        figure("careweave_allocator_allocated_bytes")?,
+        figure("careweave_allocator_resident_bytes")?,
+    ))
 }
 
 /// `audit verify` on a stopped node's store: entries on success.
@@ -472,9 +554,18 @@ pub fn summary(report: &SoakReport, out: &Path) -> String {
         report.imported_records,
         report.import_failures
     )];
-    for (ods, warm, end, peak) in &report.rss {
+    let shown = |mean: Option<f64>| mean.map_or("?".to_owned(), |mib| format!("{mib:.1}"));
+    for node in &report.memory {
+        let (warm, end) = report.window_means(&node.rss);
+        let (allocated_warm, allocated_end) = report.window_means(&node.allocated);
         lines.push(format!(
-            "{ods}: RSS {warm:.1} MiB after warm-up, {end:.1} MiB at the end, peak {peak:.1} MiB"
+            "{}: RSS {} MiB after warm-up, {} MiB at the end (five-minute means), peak {:.1} MiB; allocated {} then {} MiB",
+            node.ods,
+            shown(warm),
+            shown(end),
+            node.peak,
+            shown(allocated_warm),
+            shown(allocated_end),
         ));
     }
     for (ods, verdict) in &report.audit {
@@ -491,4 +582,79 @@ pub fn summary(report: &SoakReport, out: &Path) -> String {
     }
     lines.push(format!("written: {}", out.join("soak.json").display()));
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An hour-long run, warm after 30 minutes, with one node whose RSS
+    /// follows `rss(minute)` and every other count fine.
+    fn hour(rss: impl Fn(f64) -> Option<f64>) -> SoakReport {
+        let points = 3600 / SERIES_EVERY.as_secs() as usize;
+        let every = SERIES_EVERY.as_secs_f64() / 60.0;
+        SoakReport {
+            seconds: 3600.0,
+            locates: 1,
+            fetches: 1,
+            imports: 1,
+            warm_up_seconds: 1800.0,
+            memory: vec![NodeMemory {
+                ods: "QHG".into(),
+                rss: (0..points).map(|i| rss(i as f64 * every)).collect(),
+                ..NodeMemory::default()
+            }],
+            ..SoakReport::default()
+        }
+    }
+
+    #[test]
+    fn means_cover_five_minutes_after_warm_up_and_the_last_five() {
+        let report = hour(Some);
+        let (warm, end) = report.window_means(&report.memory[0].rss);
+        // Minutes 30 to 35 and 55 to 60, sampled every 10 s.
+        assert!((warm.unwrap() - 32.4167).abs() < 0.01, "{warm:?}");
+        assert!((end.unwrap() - 57.4167).abs() < 0.01, "{end:?}");
+    }
+
+    #[test]
+    fn swings_that_average_out_pass_and_steady_growth_fails() {
+        // ±10% from one reading to the next, level on average.
+        let swinging = hour(|minute| {
+            Some(if ((minute * 6.0) as u64).is_multiple_of(2) {
+                55.0
+            } else {
+                45.0
+            })
+        });
+        assert!(swinging.problems().is_empty(), "{:?}", swinging.problems());
+
+        // 50 MiB at warm-up and 0.3 MiB more every minute: 15% between
+        // the two windows.
+        let growing = hour(|minute| Some(50.0 + (minute - 30.0).max(0.0) * 0.3));
+        let problems = growing.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("QHG grew"), "{problems:?}");
+    }
+
+    #[test]
+    fn missing_readings_are_skipped_and_none_at_all_is_a_problem() {
+        let gappy = hour(|minute| (!(minute as u64).is_multiple_of(3)).then_some(50.0));
+        assert!(gappy.problems().is_empty(), "{:?}", gappy.problems());
+
+        let unread = hour(|_| None);
+        let problems = unread.problems();
+        assert!(
+            problems.iter().any(|p| p.contains("too few RSS readings")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn short_runs_are_not_judged_on_memory() {
+        let mut short = hour(|minute| Some(10.0 + minute * 10.0));
+        short.seconds = 600.0;
+        assert!(!short.judges_memory());
+        assert!(short.problems().is_empty(), "{:?}", short.problems());
+    }
 }

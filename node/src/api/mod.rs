@@ -1022,6 +1022,23 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         "1 when the node answers requests.",
         u8::from(node.not_ready_reason(now).is_none()).to_string(),
     );
+    if let Some(memory) = crate::allocator::stats() {
+        gauge(
+            "careweave_allocator_allocated_bytes",
+            "Bytes the node has allocated and not freed.",
+            memory.allocated.to_string(),
+        );
+        gauge(
+            "careweave_allocator_active_bytes",
+            "Bytes in the allocator's pages that hold allocations.",
+            memory.active.to_string(),
+        );
+        gauge(
+            "careweave_allocator_resident_bytes",
+            "Bytes the allocator holds in memory, freed pages not yet returned included.",
+            memory.resident.to_string(),
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP careweave_store_reopened_total Times the store's database was opened again after a write failure.\n# TYPE careweave_store_reopened_total counter\ncareweave_store_reopened_total {}",
