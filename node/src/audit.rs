@@ -2,6 +2,7 @@
 //! allowed or refused, appended to an RFC 6962 Merkle log before any data
 //! leaves, with checkpoints signed by the log key.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use careweave_protocol::audit::{self, Checkpoint, CompactRange, Hash};
@@ -10,7 +11,7 @@ use careweave_protocol::message::{RequesterContext, Section, WithheldReason};
 use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{AuditItem, Store, StoreError};
 
 /// Which way a request went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,11 +141,7 @@ impl AuditLog {
         every_secs: u64,
     ) -> Result<Self, AuditError> {
         let range = store.audit_range();
-        let last = store
-            .checkpoints()?
-            .last()
-            .map(|(size, _)| *size)
-            .unwrap_or(0);
+        let last = store.latest_checkpoint()?.map_or(0, |(size, _)| size);
         Ok(Self {
             store,
             log_key,
@@ -260,19 +257,19 @@ impl AuditLog {
 /// Recomputes the tree from the stored entries and checks every checkpoint:
 /// its signature by `log_key` and its root against the entries.
 ///
-/// One pass, with only the tree's peaks in memory: each checkpoint's root is
-/// compared when the recomputed tree reaches its size. Two checkpoints whose
-/// roots both match prefixes of the same entries are consistent with each
-/// other by construction, so no consistency proofs are needed between them.
+/// One pass, with only the tree's peaks and the checkpoints not yet reached
+/// in memory: a checkpoint is written just after the entry that brought the
+/// log to its size, so its root is compared as it is read. Two checkpoints
+/// whose roots both match prefixes of the same entries are consistent with
+/// each other by construction, so no consistency proofs are needed between
+/// them. A checkpoint found after the log had grown past its size (which
+/// the node never writes) costs a second pass.
 pub fn verify(store: &Store, log_key: &PublicKey) -> Result<VerifyReport, VerifyFailure> {
     let unreadable = |index: u64, e: &dyn std::fmt::Display| VerifyFailure::Unreadable {
         index,
         message: e.to_string(),
     };
-    let checkpoints = store.checkpoints().map_err(|e| unreadable(0, &e))?;
-    let mut expected: Vec<(u64, Hash)> = Vec::with_capacity(checkpoints.len());
-    for (size, signed) in &checkpoints {
-        let size = *size;
+    let root_of = |size: u64, signed: &[u8]| -> Result<Hash, VerifyFailure> {
         let verified = audit::verify_checkpoint(signed, log_key).map_err(|e| {
             VerifyFailure::BadCheckpoint {
                 size,
@@ -285,43 +282,80 @@ pub fn verify(store: &Store, log_key: &PublicKey) -> Result<VerifyReport, Verify
                 claimed: verified.checkpoint.size,
             });
         }
-        expected.push((size, verified.checkpoint.root));
+        Ok(verified.checkpoint.root)
+    };
+    // Roots still to compare, by size. Checkpoints since sled stopped
+    // keeping them are in the files only; earlier ones may be in both.
+    let mut due = BTreeMap::new();
+    let mut late = BTreeMap::new();
+    let mut legacy = BTreeSet::new();
+    let mut checkpoints = 0usize;
+    let expect =
+        |roots: &mut BTreeMap<u64, Hash>, size: u64, root: Hash| match roots.insert(size, root) {
+            Some(other) if other != root => Err(VerifyFailure::RootMismatch { size }),
+            _ => Ok(()),
+        };
+    for (size, signed) in store.legacy_checkpoints().map_err(|e| unreadable(0, &e))? {
+        expect(&mut due, size, root_of(size, &signed)?)?;
+        legacy.insert(size);
     }
-    let mut due = expected.iter().peekable();
     let mut range = CompactRange::default();
-    let check_due = |range: &CompactRange,
-                     due: &mut std::iter::Peekable<std::slice::Iter<'_, (u64, Hash)>>|
-     -> Result<(), VerifyFailure> {
-        while let Some((size, root)) = due.next_if(|(size, _)| *size == range.size()) {
-            if range.root() != *root {
-                return Err(VerifyFailure::RootMismatch { size: *size });
+    compare_due(&range, &mut due)?;
+    for item in store.audit_items() {
+        match item.map_err(|e| unreadable(range.size(), &e))? {
+            AuditItem::Entry { index, bytes, leaf } => {
+                if index != range.size() {
+                    return Err(unreadable(range.size(), &"entry is missing"));
+                }
+                if audit::leaf_hash(&bytes) != leaf {
+                    return Err(VerifyFailure::EntryAltered { index });
+                }
+                range.append(leaf);
+            }
+            AuditItem::Checkpoint { size, signed } => {
+                let root = root_of(size, &signed)?;
+                if !legacy.contains(&size) {
+                    checkpoints += 1;
+                }
+                if size < range.size() {
+                    expect(&mut late, size, root)?;
+                } else {
+                    expect(&mut due, size, root)?;
+                }
             }
         }
-        Ok(())
-    };
-    check_due(&range, &mut due)?;
-    for item in store.audit_entries() {
-        let (index, bytes, recorded) = item.map_err(|e| unreadable(range.size(), &e))?;
-        if index != range.size() {
-            return Err(unreadable(range.size(), &"entry is missing"));
-        }
-        if audit::leaf_hash(&bytes) != recorded {
-            return Err(VerifyFailure::EntryAltered { index });
-        }
-        range.append(recorded);
-        check_due(&range, &mut due)?;
+        compare_due(&range, &mut due)?;
     }
-    if let Some((size, _)) = due.next() {
+    if let Some((size, _)) = due.first_key_value() {
         return Err(VerifyFailure::Truncated {
             size: *size,
             len: range.size(),
         });
     }
+    if !late.is_empty() {
+        let mut again = CompactRange::default();
+        compare_due(&again, &mut late)?;
+        for item in store.audit_entries() {
+            let (_, _, leaf) = item.map_err(|e| unreadable(again.size(), &e))?;
+            again.append(leaf);
+            compare_due(&again, &mut late)?;
+        }
+    }
     Ok(VerifyReport {
         entries: range.size(),
-        checkpoints: checkpoints.len(),
+        checkpoints: checkpoints + legacy.len(),
         root: hex::encode(range.root()),
     })
+}
+
+/// Compares and forgets the root expected at the tree's current size.
+fn compare_due(range: &CompactRange, due: &mut BTreeMap<u64, Hash>) -> Result<(), VerifyFailure> {
+    if let Some(root) = due.remove(&range.size())
+        && root != range.root()
+    {
+        return Err(VerifyFailure::RootMismatch { size: range.size() });
+    }
+    Ok(())
 }
 
 /// One exported entry with its proof.
@@ -360,7 +394,7 @@ pub fn export(store: &Store, nhs: &NhsNumber) -> Result<Export, AuditError> {
         let (_, _, leaf) = item?;
         leaves.push(leaf);
     }
-    let checkpoint = store.checkpoints()?.pop();
+    let checkpoint = store.latest_checkpoint()?;
     let (size, exported_checkpoint) = match &checkpoint {
         Some((size, signed)) => {
             let prefix = usize::try_from(*size)
@@ -482,6 +516,35 @@ mod tests {
         assert_eq!(
             verify(&log.store, &key.public_key()),
             Err(VerifyFailure::Truncated { size: 40, len: 4 })
+        );
+    }
+
+    #[test]
+    fn checkpoints_kept_in_sled_by_older_stores_are_still_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, key, ods) = log(dir.path());
+        for i in 0..10 {
+            log.append(&entry(i)).unwrap();
+        }
+        let written = verify(&log.store, &key.public_key()).unwrap();
+        // An older store: every checkpoint also in sled. Counted once.
+        let mut size = 0;
+        for item in log.store.audit_items() {
+            match item.unwrap() {
+                AuditItem::Entry { index, .. } => size = index + 1,
+                AuditItem::Checkpoint { size: at, signed } => {
+                    assert_eq!(at, size);
+                    crate::store::put_legacy_checkpoint(&log.store, at, &signed);
+                }
+            }
+        }
+        assert_eq!(verify(&log.store, &key.public_key()), Ok(written.clone()));
+
+        // One that only sled holds (a store moved from schema 1), wrong.
+        crate::store::put_legacy_checkpoint(&log.store, 5, &signed(&log, &key, &ods, 5, [9; 32]));
+        assert_eq!(
+            verify(&log.store, &key.public_key()),
+            Err(VerifyFailure::RootMismatch { size: 5 })
         );
     }
 }

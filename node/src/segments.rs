@@ -793,8 +793,18 @@ impl Segments {
 
     /// Every audit entry with its recorded leaf hash, in order, one segment
     /// in memory at a time.
-    pub(crate) fn entries(&self) -> Entries<'_> {
-        Entries {
+    pub(crate) fn entries(&self) -> impl Iterator<Item = EntryItem> + '_ {
+        self.items().filter_map(|item| match item {
+            Ok(LogItem::Entry(index, entry, leaf)) => Some(Ok((index, entry, leaf))),
+            Ok(LogItem::Checkpoint(..)) => None,
+            Err(e) => Some(Err(e)),
+        })
+    }
+
+    /// Every audit entry and signed checkpoint, in the order written: a
+    /// checkpoint follows the entry that brought the log to its size.
+    pub(crate) fn items(&self) -> Items<'_> {
+        Items {
             segments: self,
             firsts: self.firsts().into_iter(),
             current: Vec::new().into_iter(),
@@ -810,13 +820,19 @@ impl Segments {
             .iter()
             .rposition(|first| *first <= start)
             .unwrap_or(0);
-        Entries {
+        Items {
             segments: self,
             firsts: firsts.get(from..).unwrap_or_default().to_vec().into_iter(),
             current: Vec::new().into_iter(),
             failed: false,
         }
-        .filter(move |item| item.as_ref().map_or(true, |(index, _, _)| *index >= start))
+        .filter_map(move |item| match item {
+            Ok(LogItem::Entry(index, entry, leaf)) => {
+                (index >= start).then_some(Ok((index, entry, leaf)))
+            }
+            Ok(LogItem::Checkpoint(..)) => None,
+            Err(e) => Some(Err(e)),
+        })
     }
 
     /// The first index of every segment, oldest first.
@@ -824,17 +840,18 @@ impl Segments {
         self.firsts()
     }
 
-    fn segment_entries(&self, first: u64) -> Result<Vec<(u64, Vec<u8>, Hash)>, SegmentError> {
+    fn segment_items(&self, first: u64) -> Result<Vec<LogItem>, SegmentError> {
         let path = segment_path(&self.dir, first);
         let bytes = self.segment_bytes(first)?;
         let mut records = Records::new(&bytes);
-        let entries = records
+        let items = records
             .by_ref()
             .filter_map(|(_, record)| match record {
                 LogRecord::Audit {
                     index, leaf, entry, ..
-                } => Some((index, entry, leaf)),
-                _ => None,
+                } => Some(LogItem::Entry(index, entry, leaf)),
+                LogRecord::Checkpoint { size, signed } => Some(LogItem::Checkpoint(size, signed)),
+                LogRecord::Replay { .. } => None,
             })
             .collect();
         if records.at != bytes.len() {
@@ -843,7 +860,7 @@ impl Segments {
                 format!("unreadable record at byte {}", records.at),
             ));
         }
-        Ok(entries)
+        Ok(items)
     }
 
     /// The audit entry at `index`.
@@ -857,10 +874,12 @@ impl Segments {
             return Ok(None);
         };
         Ok(self
-            .segment_entries(first)?
+            .segment_items(first)?
             .into_iter()
-            .find(|(i, _, _)| *i == index)
-            .map(|(_, entry, _)| entry))
+            .find_map(|item| match item {
+                LogItem::Entry(i, entry, _) if i == index => Some(entry),
+                _ => None,
+            }))
     }
 
     /// A patient's audit entries, oldest first.
@@ -990,19 +1009,28 @@ fn read_entry_at(
     }
 }
 
-/// Iterator over every audit entry; see [`Segments::entries`].
-pub(crate) struct Entries<'a> {
+/// An audit entry (index, bytes, recorded leaf hash) or a signed
+/// checkpoint (size, bytes), read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum LogItem {
+    Entry(u64, Vec<u8>, Hash),
+    Checkpoint(u64, Vec<u8>),
+}
+
+/// Iterator over the log's entries and checkpoints; see [`Segments::items`].
+/// It holds one segment's items at a time.
+pub(crate) struct Items<'a> {
     segments: &'a Segments,
     firsts: std::vec::IntoIter<u64>,
-    current: std::vec::IntoIter<(u64, Vec<u8>, Hash)>,
+    current: std::vec::IntoIter<LogItem>,
     failed: bool,
 }
 
 /// One entry read back: its index, bytes and recorded leaf hash.
 pub(crate) type EntryItem = Result<(u64, Vec<u8>, Hash), SegmentError>;
 
-impl Iterator for Entries<'_> {
-    type Item = EntryItem;
+impl Iterator for Items<'_> {
+    type Item = Result<LogItem, SegmentError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -1013,8 +1041,8 @@ impl Iterator for Entries<'_> {
                 return Some(Ok(entry));
             }
             let first = self.firsts.next()?;
-            match self.segments.segment_entries(first) {
-                Ok(entries) => self.current = entries.into_iter(),
+            match self.segments.segment_items(first) {
+                Ok(items) => self.current = items.into_iter(),
                 Err(e) => {
                     self.failed = true;
                     return Some(Err(e));

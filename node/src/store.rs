@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
 use crate::group_commit::GroupCommit;
-use crate::segments::{LogRecord, Recovered, SEGMENT_LIMIT, SegmentError, Segments};
+use crate::segments::{LogItem, LogRecord, Recovered, SEGMENT_LIMIT, SegmentError, Segments};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 /// The schema this code reads and writes. Version 1 kept the audit log in
@@ -34,6 +34,11 @@ const V1_TREE_AUDIT: &str = "audit";
 const V1_TREE_AUDIT_LEAVES: &str = "audit_leaves";
 const V1_TREE_AUDIT_BY_PATIENT: &str = "audit_by_patient";
 const V1_JOURNAL_FILE: &str = "audit.journal";
+/// Every signed checkpoint up to the change that made the audit segments
+/// their only home. No longer written: at thousands of entries a second it
+/// grew by a checkpoint every 100 entries, and so did sled's memory. Still
+/// read, because a store moved from schema 1 has its older checkpoints only
+/// here.
 const TREE_CHECKPOINTS: &str = "audit_checkpoints";
 const TREE_REPLAY: &str = "replay_cache";
 const TREE_TRUST: &str = "trust";
@@ -41,6 +46,9 @@ const TREE_META: &str = "meta";
 
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_POINTER_SALT: &[u8] = b"pointer_salt";
+/// The newest durable signed checkpoint: its size (8 bytes, big-endian),
+/// then the signed bytes.
+const META_LATEST_CHECKPOINT: &[u8] = b"latest_checkpoint";
 /// When the database was last opened again after a write failure.
 const META_REOPENED: &[u8] = b"reopened_at";
 
@@ -484,9 +492,8 @@ impl Store {
                 Some(&expires.to_be_bytes()[..]),
             )?;
         }
-        for (size, signed) in &recovered.checkpoints {
-            db.checkpoints
-                .insert(size.to_be_bytes(), signed.as_slice())?;
+        if let Some((size, signed)) = recovered.checkpoints.iter().max_by_key(|(size, _)| *size) {
+            keep_latest_checkpoint(db, *size, signed)?;
         }
         if recovered.cut > 0 || !recovered.replay.is_empty() || !recovered.checkpoints.is_empty() {
             self.flush_database(db)?;
@@ -615,8 +622,8 @@ impl Store {
             self.lock_checkpoints().extend(waiting);
             return Err(e.into());
         }
-        for (size, signed) in waiting {
-            db.checkpoints.insert(size.to_be_bytes(), signed)?;
+        if let Some((size, signed)) = waiting.iter().max_by_key(|(size, _)| *size) {
+            keep_latest_checkpoint(db, *size, signed)?;
         }
         Ok(())
     }
@@ -1145,23 +1152,27 @@ impl Store {
         self.audit.segment_starts()
     }
 
-    /// The newest signed audit checkpoint, if any.
-    pub fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        let pending = self
-            .lock_checkpoints()
-            .last()
-            .map(|(_, bytes)| bytes.clone());
-        if pending.is_some() {
-            return Ok(pending);
-        }
-        self.with_database(|db| {
-            Ok(db
-                .checkpoints
-                .iter()
-                .next_back()
-                .transpose()?
-                .map(|(_, value)| value.to_vec()))
-        })
+    /// The newest signed audit checkpoint (size and bytes), if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let pending = self.lock_checkpoints().last().cloned();
+        let stored = self.with_database(|db| {
+            let latest = match db.meta.get(META_LATEST_CHECKPOINT)? {
+                Some(value) => Some(decode_latest_checkpoint(&value)?),
+                None => None,
+            };
+            let legacy = match db.checkpoints.iter().next_back().transpose()? {
+                Some((key, value)) => Some((index_of(&key)?, value.to_vec())),
+                None => None,
+            };
+            Ok(latest
+                .into_iter()
+                .chain(legacy)
+                .max_by_key(|(size, _)| *size))
+        })?;
+        Ok(pending
+            .into_iter()
+            .chain(stored)
+            .max_by_key(|(size, _)| *size))
     }
 
     /// The audit entry at `index`.
@@ -1187,21 +1198,30 @@ impl Store {
         Ok(())
     }
 
-    /// Every checkpoint, by size.
-    pub fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut all: Vec<(u64, Vec<u8>)> = self.with_database(|db| {
+    /// The checkpoints sled held before the audit segments became their
+    /// only home, by size; see [`Store::audit_items`] for the rest.
+    pub fn legacy_checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.with_database(|db| {
             db.checkpoints
                 .iter()
                 .map(|item| {
                     let (key, value) = item?;
                     Ok((index_of(&key)?, value.to_vec()))
                 })
-                .collect::<Result<_, StoreError>>()
-        })?;
-        all.extend(self.lock_checkpoints().iter().cloned());
-        all.sort_by_key(|(size, _)| *size);
-        all.dedup_by_key(|(size, _)| *size);
-        Ok(all)
+                .collect()
+        })
+    }
+
+    /// Every audit entry and signed checkpoint in the audit files, in the
+    /// order written, one segment in memory at a time.
+    pub fn audit_items(&self) -> impl Iterator<Item = Result<AuditItem, StoreError>> + '_ {
+        self.audit.items().map(|item| {
+            item.map(|item| match item {
+                LogItem::Entry(index, bytes, leaf) => AuditItem::Entry { index, bytes, leaf },
+                LogItem::Checkpoint(size, signed) => AuditItem::Checkpoint { size, signed },
+            })
+            .map_err(StoreError::from)
+        })
     }
 
     /// Overwrites an audit entry's bytes in the newest segment but not its
@@ -1210,6 +1230,56 @@ impl Store {
     pub fn tamper_audit_entry(&self, index: u64, entry: &[u8]) -> Result<(), StoreError> {
         Ok(self.audit.tamper(index, entry)?)
     }
+}
+
+/// Something read back from the audit files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditItem {
+    /// An entry, its index and the leaf hash recorded with it.
+    Entry {
+        index: u64,
+        bytes: Vec<u8>,
+        leaf: [u8; 32],
+    },
+    /// A signed checkpoint of the first `size` entries.
+    Checkpoint { size: u64, signed: Vec<u8> },
+}
+
+/// Records `signed` as the newest checkpoint unless a larger one is there
+/// already (two syncs can finish in either order).
+fn keep_latest_checkpoint(db: &Database, size: u64, signed: &[u8]) -> Result<(), StoreError> {
+    let mut value = Vec::with_capacity(8 + signed.len());
+    value.extend_from_slice(&size.to_be_bytes());
+    value.extend_from_slice(signed);
+    db.meta.fetch_and_update(META_LATEST_CHECKPOINT, |old| {
+        let newer = old
+            .and_then(|old| old.get(..8))
+            .and_then(|bytes| bytes.try_into().ok())
+            .is_none_or(|held: [u8; 8]| u64::from_be_bytes(held) < size);
+        if newer {
+            Some(value.clone())
+        } else {
+            old.map(<[u8]>::to_vec)
+        }
+    })?;
+    Ok(())
+}
+
+/// Puts a checkpoint where sled kept every checkpoint before (tests of
+/// stores written then).
+#[cfg(test)]
+pub(crate) fn put_legacy_checkpoint(store: &Store, size: u64, signed: &[u8]) {
+    let db = store.database().expect("open");
+    db.checkpoints
+        .insert(size.to_be_bytes(), signed)
+        .expect("insert");
+}
+
+fn decode_latest_checkpoint(value: &[u8]) -> Result<(u64, Vec<u8>), StoreError> {
+    let (size, signed) = value
+        .split_at_checked(8)
+        .ok_or_else(|| corrupt("latest checkpoint"))?;
+    Ok((index_of(size)?, signed.to_vec()))
 }
 
 fn index_of(key: &[u8]) -> Result<u64, StoreError> {
@@ -1451,12 +1521,27 @@ mod tests {
             store.audit_for_patient(&nhs).unwrap().len() as u64,
             count - count.div_ceil(3)
         );
-        let checkpoints = store.checkpoints().unwrap();
+        // Checkpoints are read back from the files, each after the entry
+        // that brought the log to its size; sled keeps only the newest.
+        let mut size = 0;
+        let mut checkpoints = Vec::new();
+        for item in store.audit_items() {
+            match item.unwrap() {
+                AuditItem::Entry { index, .. } => size = index + 1,
+                AuditItem::Checkpoint { size: at, signed } => {
+                    assert_eq!(at, size);
+                    checkpoints.push((at, signed));
+                }
+            }
+        }
         assert_eq!(checkpoints.len() as u64, count.div_ceil(64));
+        let newest = (count - 1) / 64 * 64;
+        assert_eq!(checkpoints.last().unwrap().1, vec![newest as u8; 8]);
         assert_eq!(
-            checkpoints.last().unwrap().1,
-            vec![((count - 1) / 64 * 64) as u8; 8]
+            store.latest_checkpoint().unwrap(),
+            Some((newest + 1, vec![newest as u8; 8]))
         );
+        assert!(store.legacy_checkpoints().unwrap().is_empty());
     }
 
     #[test]
@@ -1508,7 +1593,14 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(mine, vec![1, 3]);
-        assert_eq!(store.checkpoints().unwrap(), vec![(2, b"signed".to_vec())]);
+        assert_eq!(
+            store.legacy_checkpoints().unwrap(),
+            vec![(2, b"signed".to_vec())]
+        );
+        assert_eq!(
+            store.latest_checkpoint().unwrap(),
+            Some((2, b"signed".to_vec()))
+        );
         assert_eq!(store.pointer_salt().unwrap(), [9u8; 32]);
         assert!(!dir.path().join(V1_JOURNAL_FILE).exists());
         assert!(
@@ -1614,5 +1706,32 @@ mod tests {
         assert!(store.flags(&nhs).unwrap().restricted);
         store.set_flags(&nhs, &PatientFlags::default()).unwrap();
         assert_eq!(store.flags(&nhs).unwrap(), PatientFlags::default());
+    }
+
+    #[test]
+    fn the_newest_checkpoint_is_kept_whichever_sync_finishes_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.latest_checkpoint().unwrap(), None);
+        let db = store.database().unwrap();
+        keep_latest_checkpoint(&db, 200, b"two hundred").unwrap();
+        keep_latest_checkpoint(&db, 100, b"one hundred").unwrap();
+        assert_eq!(
+            store.latest_checkpoint().unwrap(),
+            Some((200, b"two hundred".to_vec()))
+        );
+        // A store written before sled stopped keeping every checkpoint.
+        put_legacy_checkpoint(&store, 300, b"three hundred");
+        assert_eq!(
+            store.latest_checkpoint().unwrap(),
+            Some((300, b"three hundred".to_vec()))
+        );
+        drop(db);
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            store.latest_checkpoint().unwrap(),
+            Some((300, b"three hundred".to_vec()))
+        );
     }
 }

@@ -267,18 +267,19 @@ pub fn report(
     let progress = catch_up(tally, &node.store, now)?;
     let checkpoint = node.store.latest_checkpoint()?;
     let log_key = node.keys.log.public_key();
-    let checkpoint = checkpoint.map(|bytes| {
-        match careweave_protocol::audit::verify_checkpoint(&bytes, &log_key) {
-            Ok(signed) => json!({
-                "origin": signed.checkpoint.origin,
-                "size": signed.checkpoint.size,
-                "root": hex::encode(signed.checkpoint.root),
-                "signed_at": signed.signed_at,
-                "cose_sign1": hex::encode(&bytes),
-            }),
-            Err(e) => json!({"error": format!("the latest checkpoint does not verify: {e}")}),
-        }
-    });
+    let checkpoint =
+        checkpoint.map(|(_, bytes)| {
+            match careweave_protocol::audit::verify_checkpoint(&bytes, &log_key) {
+                Ok(signed) => json!({
+                    "origin": signed.checkpoint.origin,
+                    "size": signed.checkpoint.size,
+                    "root": hex::encode(signed.checkpoint.root),
+                    "signed_at": signed.signed_at,
+                    "cose_sign1": hex::encode(&bytes),
+                }),
+                Err(e) => json!({"error": format!("the latest checkpoint does not verify: {e}")}),
+            }
+        });
     let agreement = node.sharing();
     Ok(json!({
         "custodian": {"ods": node.ods().as_str(), "name": node.config.node.name},
