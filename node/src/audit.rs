@@ -474,6 +474,16 @@ mod tests {
         (log, key, ods)
     }
 
+    /// A log in a fresh directory with `count` entries appended.
+    fn log_with_entries(count: u64) -> (tempfile::TempDir, AuditLog, KeyPair, OdsCode) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, key, ods) = log(dir.path());
+        for i in 0..count {
+            log.append(&entry(i)).unwrap();
+        }
+        (dir, log, key, ods)
+    }
+
     fn signed(log: &AuditLog, key: &KeyPair, ods: &OdsCode, size: u64, root: Hash) -> Vec<u8> {
         let checkpoint = Checkpoint {
             origin: log.origin.clone(),
@@ -485,11 +495,7 @@ mod tests {
 
     #[test]
     fn checkpoints_are_checked_against_the_entries_in_one_pass() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, key, ods) = log(dir.path());
-        for i in 0..10 {
-            log.append(&entry(i)).unwrap();
-        }
+        let (_dir, log, key, ods) = log_with_entries(10);
         let report = verify(&log.store, &key.public_key()).unwrap();
         assert_eq!((report.entries, report.checkpoints), (10, 3));
 
@@ -505,11 +511,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_past_the_end_means_entries_were_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, key, ods) = log(dir.path());
-        for i in 0..4 {
-            log.append(&entry(i)).unwrap();
-        }
+        let (_dir, log, key, ods) = log_with_entries(4);
         log.store
             .put_checkpoint(40, &signed(&log, &key, &ods, 40, [1; 32]))
             .unwrap();
@@ -521,11 +523,7 @@ mod tests {
 
     #[test]
     fn checkpoints_kept_in_sled_by_older_stores_are_still_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, key, ods) = log(dir.path());
-        for i in 0..10 {
-            log.append(&entry(i)).unwrap();
-        }
+        let (_dir, log, key, ods) = log_with_entries(10);
         let written = verify(&log.store, &key.public_key()).unwrap();
         // An older store: every checkpoint also in sled. Counted once.
         let mut size = 0;

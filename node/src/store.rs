@@ -1734,4 +1734,14 @@ mod tests {
             Some((300, b"three hundred".to_vec()))
         );
     }
+
+    #[test]
+    fn a_damaged_latest_checkpoint_is_an_error_not_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let db = store.database().unwrap();
+        db.meta.insert(META_LATEST_CHECKPOINT, &[0u8; 3]).unwrap();
+        let error = store.latest_checkpoint().unwrap_err().to_string();
+        assert!(error.contains("latest checkpoint"), "{error}");
+    }
 }

@@ -77,8 +77,8 @@ enum Command {
     /// Run mixed locate, fetch and import on a five-ICB testnet for a while,
     /// watching every node's memory, then verify every audit log. Exits 4
     /// when a request failed, a node's RSS grew 10% or more after warm-up
-    /// (judged in runs of five minutes or more), or an audit log did not
-    /// verify
+    /// (the first half; judged in runs of an hour or more, on five-minute
+    /// means), or an audit log did not verify
     Soak(SoakArgs),
     /// Run one plain libp2p request-response node (the benchmark's floor;
     /// not for people).
