@@ -336,7 +336,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             say!(
                 "  careweave-node --config {} locate {} --user 555021935107 --role-profile 555021936108 --role-code R8000",
                 t.nodes[0].config().display(),
-                t.demo.shared
+                t.demo.shared.digits()
             );
             say!("  careweave-testnet status --dir {}", args.dir.display());
             say!("  careweave-testnet down --dir {}", args.dir.display());

@@ -103,6 +103,16 @@ fn up_status_down_with_three_nodes() {
     let up = up(&net, 3, 5);
     let text = String::from_utf8_lossy(&up.stdout);
     assert!(text.contains("testnet of 3 ICBs running"), "{text}");
+    // The suggested locate command passes the NHS number as one argument.
+    let hint = text.lines().find(|l| l.contains(" locate ")).unwrap();
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "locate").unwrap();
+    let number = words[at + 1];
+    assert!(
+        number.len() == 10 && number.bytes().all(|b| b.is_ascii_digit()),
+        "{hint}"
+    );
+    assert_eq!(words[at + 2], "--user", "{hint}");
     let running = pids(&net);
     assert_eq!(running.len(), 3);
     let status = Command::new(BIN)
