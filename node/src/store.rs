@@ -308,6 +308,11 @@ thread_local! {
     /// cost more than compressing it.
     static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    /// One decompression context per thread, reused: a locate reads every
+    /// record of the patient, and making a context each time showed in the
+    /// answering thread's profile.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A record as sled holds it: its CBOR, fields keyed by position, compressed.
@@ -386,7 +391,13 @@ fn decompress_record(bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
                 .filter(|n| *n <= MAX_RECORD_BYTES)
                 .ok_or_else(too_big)?;
             // A frame holding more than it declares fails here for want of room.
-            zstd::bulk::decompress(bytes, declared).map_err(corrupt)
+            DECOMPRESSOR.with_borrow_mut(|slot| {
+                let decompressor = match slot {
+                    Some(decompressor) => decompressor,
+                    None => slot.insert(zstd::bulk::Decompressor::new().map_err(corrupt)?),
+                };
+                decompressor.decompress(bytes, declared).map_err(corrupt)
+            })
         }
         // Frames this store writes declare their size; one that does not is
         // read as a stream, stopping just past the limit.
@@ -1397,6 +1408,18 @@ mod tests {
             "{} bytes held",
             back.capacity()
         );
+    }
+
+    #[test]
+    fn a_damaged_frame_leaves_the_reused_decompressor_fit_for_the_next() {
+        let plain = encode(&record("9990000018", "c1")).unwrap();
+        let framed = zstd::bulk::compress(&plain, RECORD_COMPRESSION_LEVEL).unwrap();
+        let cut = &framed[..framed.len() - 3];
+        assert!(matches!(
+            decompress_record(cut),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert_eq!(decompress_record(&framed).unwrap(), plain);
     }
 
     #[test]
