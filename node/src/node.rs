@@ -569,11 +569,11 @@ impl Node {
             );
             return Inbound::Drop(reason);
         };
-        let Some(local) = list.member_by_ods(&self.ods).cloned() else {
+        let Some(local) = list.member_by_ods(&self.ods) else {
             self.metrics.refuse("not-on-list");
             return Inbound::Drop(format!("this node ({}) is not on the trust list", self.ods));
         };
-        let remote_member = list.member_by_peer(remote).cloned();
+        let remote_member = list.member_by_peer(remote);
         let policy = list_policy(self.trust().as_deref());
         let ctx = Receive {
             trust: &list,
@@ -604,7 +604,7 @@ impl Node {
             return self.refuse(
                 protocol,
                 &list,
-                remote_member.as_ref(),
+                remote_member,
                 remote,
                 None,
                 request_hash,
@@ -628,7 +628,7 @@ impl Node {
                 return self.refuse(
                     protocol,
                     &list,
-                    remote_member.as_ref(),
+                    remote_member,
                     remote,
                     None,
                     request_hash,
@@ -640,7 +640,7 @@ impl Node {
                 );
             }
         };
-        let Some(requester) = list.member_by_ods(&opened.sender).cloned() else {
+        let Some(requester) = list.member_by_ods(&opened.sender) else {
             return Inbound::Drop("sender vanished from the list".to_owned());
         };
         match &opened.message {
@@ -649,12 +649,12 @@ impl Node {
                     protocol,
                     list: &list,
                     remote,
-                    requester: &requester,
+                    requester,
                     hash: opened.hash,
                     now,
                     durability,
                 },
-                &local,
+                local,
                 request,
             ),
             Message::FetchRequest(request) => self.answer_fetch(
@@ -662,21 +662,21 @@ impl Node {
                     protocol,
                     list: &list,
                     remote,
-                    requester: &requester,
+                    requester,
                     hash: opened.hash,
                     now,
                     durability,
                 },
-                &local,
+                local,
                 request,
             ),
             Message::TrustRequest(request) => {
-                self.answer_trust(&list, remote, &requester, &opened, *request, now)
+                self.answer_trust(&list, remote, requester, &opened, *request, now)
             }
             other => self.refuse(
                 protocol,
                 &list,
-                Some(&requester),
+                Some(requester),
                 remote,
                 None,
                 request_hash,
