@@ -223,6 +223,51 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
         .map(|k| k * 1024)
 }
 
+/// CPU time (user and system) a process has used, in seconds. `/proc`
+/// counts it in USER_HZ ticks, which Linux fixes at 100 a second.
+pub fn cpu_seconds(pid: &str) -> Option<f64> {
+    cpu_seconds_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn cpu_seconds_in(stat: &str) -> Option<f64> {
+    // The command name may hold spaces and parentheses; the fields follow
+    // the last ')'. utime and stime are fields 14 and 15 of the line.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / 100.0)
+}
+
+/// The CPU used by a set of processes and by this one (the client), so a
+/// figure counts everything a request costs the machine.
+struct CpuMeter {
+    pids: Vec<String>,
+}
+
+impl CpuMeter {
+    fn new(pids: impl IntoIterator<Item = u32>) -> Self {
+        let mut pids: Vec<String> = pids.into_iter().map(|p| p.to_string()).collect();
+        pids.push("self".to_owned());
+        Self { pids }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.pids.iter().filter_map(|p| cpu_seconds(p)).sum()
+    }
+
+    /// Runs `work` and returns its result with the CPU it cost, in ms per
+    /// one of `count` requests.
+    async fn per_request<T>(
+        &self,
+        count: usize,
+        work: impl std::future::Future<Output = Result<T, String>>,
+    ) -> Result<(T, f64), String> {
+        let before = self.seconds();
+        let out = work.await?;
+        let used = (self.seconds() - before).max(0.0);
+        Ok((out, used * 1000.0 / count.max(1) as f64))
+    }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -636,10 +681,11 @@ async fn floor_net(
     dir: &Path,
     count: usize,
     cleanup: &mut Cleanup,
-) -> Result<(FloorClient, Vec<libp2p::PeerId>), String> {
+) -> Result<(FloorClient, Vec<libp2p::PeerId>, Vec<u32>), String> {
     std::fs::create_dir_all(dir).map_err(err)?;
     let exe = std::env::current_exe().map_err(err)?;
     let mut ready_files = Vec::new();
+    let mut pids = Vec::new();
     for i in 0..count {
         let ready = dir.join(format!("floor-{i}.ready"));
         let _ = std::fs::remove_file(&ready);
@@ -652,6 +698,7 @@ async fn floor_net(
             .stderr(Stdio::null())
             .spawn()
             .map_err(err)?;
+        pids.push(child.id());
         cleanup.children.push(child);
         ready_files.push(ready);
     }
@@ -676,7 +723,7 @@ async fn floor_net(
             .map_err(|e| format!("floor dial: {e}"))?;
         peers.push(peer);
     }
-    Ok((client, peers))
+    Ok((client, peers, pids))
 }
 
 /// Floor fan-outs: latencies in ms.
@@ -1111,11 +1158,19 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     let rss_before = rss_bytes(first_pid).unwrap_or(0);
     let (stop_sampling, sampler) = sample_rss(first_pid);
     locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
+    let nodes_cpu = CpuMeter::new(t.nodes.iter().filter_map(pid));
     let mut seq = Vec::new();
     let mut par = Vec::new();
+    let (mut seq_cpu, mut par_cpu) = (Vec::new(), Vec::new());
     let mut failures = 0;
     for run in 0..scale.runs {
-        let (ms, f, _) = locate_run(&first, &patients, scale.locate_sequential, 1, None).await?;
+        let ((ms, f, _), cpu) = nodes_cpu
+            .per_request(
+                scale.locate_sequential,
+                locate_run(&first, &patients, scale.locate_sequential, 1, None),
+            )
+            .await?;
+        seq_cpu.push(cpu);
         let l = latency(ms);
         say(&format!(
             "locate run {}: sequential p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
@@ -1126,8 +1181,13 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
         ));
         seq.push(l);
         failures += f;
-        let (ms, f, _) =
-            locate_run(&first, &patients, scale.locate_parallel, PARALLEL, None).await?;
+        let ((ms, f, _), cpu) = nodes_cpu
+            .per_request(
+                scale.locate_parallel,
+                locate_run(&first, &patients, scale.locate_parallel, PARALLEL, None),
+            )
+            .await?;
+        par_cpu.push(cpu);
         let l = latency(ms);
         say(&format!(
             "locate run {}: 8 parallel p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
@@ -1152,31 +1212,43 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
 
     // The floor: plain request-response fan-out to as many peers.
     say("starting the plain libp2p floor");
-    let (client, floor_peers) =
+    let (client, floor_peers, floor_pids) =
         floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
+    let floor_cpu = CpuMeter::new(floor_pids);
     let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
     floor_fan_out_run(&client, &floor_peers, &locate_request, WARM_UP, PARALLEL).await?;
     let mut floor_seq = Vec::new();
     let mut floor_par = Vec::new();
+    let (mut floor_seq_cpu, mut floor_par_cpu) = (Vec::new(), Vec::new());
     for _ in 0..scale.runs {
-        let ms = floor_fan_out_run(
-            &client,
-            &floor_peers,
-            &locate_request,
-            scale.locate_sequential,
-            1,
-        )
-        .await?;
+        let (ms, cpu) = floor_cpu
+            .per_request(
+                scale.locate_sequential,
+                floor_fan_out_run(
+                    &client,
+                    &floor_peers,
+                    &locate_request,
+                    scale.locate_sequential,
+                    1,
+                ),
+            )
+            .await?;
         floor_seq.push(latency(ms));
-        let ms = floor_fan_out_run(
-            &client,
-            &floor_peers,
-            &locate_request,
-            scale.locate_parallel,
-            PARALLEL,
-        )
-        .await?;
+        floor_seq_cpu.push(cpu);
+        let (ms, cpu) = floor_cpu
+            .per_request(
+                scale.locate_parallel,
+                floor_fan_out_run(
+                    &client,
+                    &floor_peers,
+                    &locate_request,
+                    scale.locate_parallel,
+                    PARALLEL,
+                ),
+            )
+            .await?;
         floor_par.push(latency(ms));
+        floor_par_cpu.push(cpu);
     }
     for (label, ours, floor) in [
         ("sequential", &seq, &floor_seq),
@@ -1207,6 +1279,22 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
                 pick(ours, |l| l.p999),
             )
             .floor(floor_p999),
+        );
+    }
+    for (label, ours, floor) in [
+        ("sequential", &seq_cpu, &floor_seq_cpu),
+        ("8 in parallel", &par_cpu, &floor_par_cpu),
+    ] {
+        figures.push(
+            Figure::new(
+                format!(
+                    "CPU per locate, {} ICBs, {label} (every process, client included)",
+                    scale.icbs
+                ),
+                "ms",
+                ours.clone(),
+            )
+            .floor(median(floor)),
         );
     }
     figures.push(
@@ -1403,7 +1491,7 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
         p99s.push(latency(ms).p99);
     }
     setup::stop_all(&dir);
-    let (floor_client, floor_peer) =
+    let (floor_client, floor_peer, _) =
         floor_net(&options.dir.join("floor-fetch"), 1, &mut cleanup).await?;
     let floor_peer = *floor_peer.first().ok_or("no floor node")?;
     let fetch_request = floor::request_bytes(sizes.fetch_request, sizes.fetch_response);
@@ -1589,6 +1677,14 @@ mod tests {
         assert_eq!(percentile(&ms, 99.9), 999.0);
         assert_eq!(percentile(&[3.0], 99.9), 3.0);
         assert!(percentile(&[], 50.0).is_nan());
+    }
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_brackets() {
+        let stat = "4242 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1 0";
+        assert_eq!(cpu_seconds_in(stat), Some(3.25));
+        assert_eq!(cpu_seconds_in("4242 (cut) S 1 2"), None);
+        assert!(cpu_seconds("self").is_some_and(|s| s >= 0.0));
     }
 
     #[test]
