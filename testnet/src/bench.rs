@@ -1157,47 +1157,60 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     let first_pid = pid(&first).ok_or("first node has no pid")?;
     let rss_before = rss_bytes(first_pid).unwrap_or(0);
     let (stop_sampling, sampler) = sample_rss(first_pid);
+    // The floor: plain request-response fan-out to as many peers. Its runs
+    // alternate with careweave's, so that both see the machine in the same
+    // state; run apart, the floor's figures moved by a fifth between runs.
+    say("starting the plain libp2p floor");
+    let (client, floor_peers, floor_pids) =
+        floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
+    let floor_cpu = CpuMeter::new(floor_pids);
+    let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
+    let floor_run = |count: usize, parallel: usize| {
+        floor_cpu.per_request(
+            count,
+            floor_fan_out_run(&client, &floor_peers, &locate_request, count, parallel),
+        )
+    };
     locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
+    floor_run(WARM_UP, PARALLEL).await?;
     let nodes_cpu = CpuMeter::new(t.nodes.iter().filter_map(pid));
-    let mut seq = Vec::new();
-    let mut par = Vec::new();
-    let (mut seq_cpu, mut par_cpu) = (Vec::new(), Vec::new());
+    let (mut seq, mut par, mut floor_seq, mut floor_par) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut seq_cpu, mut par_cpu, mut floor_seq_cpu, mut floor_par_cpu) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut failures = 0;
     for run in 0..scale.runs {
-        let ((ms, f, _), cpu) = nodes_cpu
-            .per_request(
-                scale.locate_sequential,
-                locate_run(&first, &patients, scale.locate_sequential, 1, None),
-            )
-            .await?;
-        seq_cpu.push(cpu);
-        let l = latency(ms);
-        say(&format!(
-            "locate run {}: sequential p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
-            run + 1,
-            l.p50,
-            l.p99,
-            l.p999
-        ));
-        seq.push(l);
-        failures += f;
-        let ((ms, f, _), cpu) = nodes_cpu
-            .per_request(
-                scale.locate_parallel,
-                locate_run(&first, &patients, scale.locate_parallel, PARALLEL, None),
-            )
-            .await?;
-        par_cpu.push(cpu);
-        let l = latency(ms);
-        say(&format!(
-            "locate run {}: 8 parallel p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms",
-            run + 1,
-            l.p50,
-            l.p99,
-            l.p999
-        ));
-        par.push(l);
-        failures += f;
+        for (label, count, parallel) in [
+            ("sequential", scale.locate_sequential, 1),
+            ("8 parallel", scale.locate_parallel, PARALLEL),
+        ] {
+            let ((ms, f, _), cpu) = nodes_cpu
+                .per_request(count, locate_run(&first, &patients, count, parallel, None))
+                .await?;
+            failures += f;
+            let ours = latency(ms);
+            let (ms, floor_cpu_ms) = floor_run(count, parallel).await?;
+            let floor = latency(ms);
+            say(&format!(
+                "locate run {}: {label} p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, {cpu:.1} ms CPU; \
+                 floor p50 {:.2} ms p99 {:.2} ms, {floor_cpu_ms:.1} ms CPU",
+                run + 1,
+                ours.p50,
+                ours.p99,
+                ours.p999,
+                floor.p50,
+                floor.p99,
+            ));
+            let (ours_all, floor_all, ours_cpu, floor_cpus) = if parallel == 1 {
+                (&mut seq, &mut floor_seq, &mut seq_cpu, &mut floor_seq_cpu)
+            } else {
+                (&mut par, &mut floor_par, &mut par_cpu, &mut floor_par_cpu)
+            };
+            ours_all.push(ours);
+            floor_all.push(floor);
+            ours_cpu.push(cpu);
+            floor_cpus.push(floor_cpu_ms);
+        }
     }
     stop_sampling.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap_or(0);
@@ -1209,47 +1222,6 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
         peak / 1024 / 1024,
         rss_after / 1024 / 1024
     ));
-
-    // The floor: plain request-response fan-out to as many peers.
-    say("starting the plain libp2p floor");
-    let (client, floor_peers, floor_pids) =
-        floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
-    let floor_cpu = CpuMeter::new(floor_pids);
-    let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
-    floor_fan_out_run(&client, &floor_peers, &locate_request, WARM_UP, PARALLEL).await?;
-    let mut floor_seq = Vec::new();
-    let mut floor_par = Vec::new();
-    let (mut floor_seq_cpu, mut floor_par_cpu) = (Vec::new(), Vec::new());
-    for _ in 0..scale.runs {
-        let (ms, cpu) = floor_cpu
-            .per_request(
-                scale.locate_sequential,
-                floor_fan_out_run(
-                    &client,
-                    &floor_peers,
-                    &locate_request,
-                    scale.locate_sequential,
-                    1,
-                ),
-            )
-            .await?;
-        floor_seq.push(latency(ms));
-        floor_seq_cpu.push(cpu);
-        let (ms, cpu) = floor_cpu
-            .per_request(
-                scale.locate_parallel,
-                floor_fan_out_run(
-                    &client,
-                    &floor_peers,
-                    &locate_request,
-                    scale.locate_parallel,
-                    PARALLEL,
-                ),
-            )
-            .await?;
-        floor_par.push(latency(ms));
-        floor_par_cpu.push(cpu);
-    }
     for (label, ours, floor) in [
         ("sequential", &seq, &floor_seq),
         ("8 in parallel", &par, &floor_par),

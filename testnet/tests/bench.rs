@@ -54,6 +54,8 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         "records per node",
         "fetch throughput",
         "fetch p99 at 80%",
+        "CPU per locate, 5 ICBs, sequential",
+        "CPU per locate, 5 ICBs, 8 in parallel",
     ] {
         let f = named(part);
         assert!(f["value"].as_f64().unwrap().is_finite(), "{f}");
@@ -63,9 +65,17 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         "ingest",
         "locate p50, 5 ICBs, sequential",
         "fetch throughput",
+        "CPU per locate, 5 ICBs, 8 in parallel",
     ] {
         assert!(named(part)["floor"].as_f64().unwrap() > 0.0, "{part}");
     }
+    // A locate costs its processes some CPU, and the figure counts it.
+    assert!(
+        named("CPU per locate, 5 ICBs, sequential")["value"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
     // Correctness is not a timing: every locate was answered, no fetch
     // failed and the killed ICB was flagged each time.
     assert_eq!(named("not answers")["value"], 0.0);
