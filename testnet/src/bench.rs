@@ -762,6 +762,33 @@ async fn floor_fan_out_run(
     Ok(all)
 }
 
+/// One kind of locate run (sequential or parallel) and what its runs and
+/// the floor's runs beside them measured.
+struct LocateRuns {
+    label: &'static str,
+    count: usize,
+    parallel: usize,
+    ours: Vec<Latency>,
+    floor: Vec<Latency>,
+    /// CPU per locate in ms, careweave's and the floor's.
+    cpu: Vec<f64>,
+    floor_cpu: Vec<f64>,
+}
+
+impl LocateRuns {
+    fn new(label: &'static str, count: usize, parallel: usize) -> Self {
+        Self {
+            label,
+            count,
+            parallel,
+            ours: Vec::new(),
+            floor: Vec::new(),
+            cpu: Vec::new(),
+            floor_cpu: Vec::new(),
+        }
+    }
+}
+
 /// Samples a process's RSS every 100 ms until stopped; returns the peak.
 fn sample_rss(pid: u32) -> (Arc<AtomicBool>, std::thread::JoinHandle<u64>) {
     let stop = Arc::new(AtomicBool::new(false));
@@ -1174,16 +1201,14 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
     floor_run(WARM_UP, PARALLEL).await?;
     let nodes_cpu = CpuMeter::new(t.nodes.iter().filter_map(pid));
-    let (mut seq, mut par, mut floor_seq, mut floor_par) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut seq_cpu, mut par_cpu, mut floor_seq_cpu, mut floor_par_cpu) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut kinds = [
+        LocateRuns::new("sequential", scale.locate_sequential, 1),
+        LocateRuns::new("8 in parallel", scale.locate_parallel, PARALLEL),
+    ];
     let mut failures = 0;
     for run in 0..scale.runs {
-        for (label, count, parallel) in [
-            ("sequential", scale.locate_sequential, 1),
-            ("8 parallel", scale.locate_parallel, PARALLEL),
-        ] {
+        for kind in &mut kinds {
+            let (count, parallel) = (kind.count, kind.parallel);
             let ((ms, f, _), cpu) = nodes_cpu
                 .per_request(count, locate_run(&first, &patients, count, parallel, None))
                 .await?;
@@ -1192,24 +1217,20 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
             let (ms, floor_cpu_ms) = floor_run(count, parallel).await?;
             let floor = latency(ms);
             say(&format!(
-                "locate run {}: {label} p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, {cpu:.1} ms CPU; \
+                "locate run {}: {} p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms, {cpu:.1} ms CPU; \
                  floor p50 {:.2} ms p99 {:.2} ms, {floor_cpu_ms:.1} ms CPU",
                 run + 1,
+                kind.label,
                 ours.p50,
                 ours.p99,
                 ours.p999,
                 floor.p50,
                 floor.p99,
             ));
-            let (ours_all, floor_all, ours_cpu, floor_cpus) = if parallel == 1 {
-                (&mut seq, &mut floor_seq, &mut seq_cpu, &mut floor_seq_cpu)
-            } else {
-                (&mut par, &mut floor_par, &mut par_cpu, &mut floor_par_cpu)
-            };
-            ours_all.push(ours);
-            floor_all.push(floor);
-            ours_cpu.push(cpu);
-            floor_cpus.push(floor_cpu_ms);
+            kind.ours.push(ours);
+            kind.floor.push(floor);
+            kind.cpu.push(cpu);
+            kind.floor_cpu.push(floor_cpu_ms);
         }
     }
     stop_sampling.store(true, Ordering::Relaxed);
@@ -1222,10 +1243,8 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
         peak / 1024 / 1024,
         rss_after / 1024 / 1024
     ));
-    for (label, ours, floor) in [
-        ("sequential", &seq, &floor_seq),
-        ("8 in parallel", &par, &floor_par),
-    ] {
+    for kind in &kinds {
+        let (label, ours, floor) = (kind.label, &kind.ours, &kind.floor);
         let pick = |l: &[Latency], f: fn(&Latency) -> f64| l.iter().map(f).collect::<Vec<_>>();
         let p50 = Figure::new(
             format!("locate p50, {} ICBs, {label}", scale.icbs),
@@ -1253,20 +1272,17 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
             .floor(floor_p999),
         );
     }
-    for (label, ours, floor) in [
-        ("sequential", &seq_cpu, &floor_seq_cpu),
-        ("8 in parallel", &par_cpu, &floor_par_cpu),
-    ] {
+    for kind in &kinds {
         figures.push(
             Figure::new(
                 format!(
-                    "CPU per locate, {} ICBs, {label} (every process, client included)",
-                    scale.icbs
+                    "CPU per locate, {} ICBs, {} (every process, client included)",
+                    scale.icbs, kind.label
                 ),
                 "ms",
-                ours.clone(),
+                kind.cpu.clone(),
             )
-            .floor(median(floor)),
+            .floor(median(&kind.floor_cpu)),
         );
     }
     figures.push(
