@@ -181,6 +181,31 @@ fn bench(c: &mut Criterion) {
     c.bench_function("Ed25519 sign alone (floor)", |bench| {
         bench.iter(|| a.message.sign(black_box(b"floor")))
     });
+    // A national locate brings 41 answers, each signed by another ICB.
+    let answerers: Vec<KeyPair> = (0..41).map(|i| key(&format!("answerer {i}"))).collect();
+    let answers: Vec<Vec<u8>> = (0..41u8).map(|i| vec![i; 273]).collect();
+    let signed: Vec<ed25519_dalek::Signature> = answerers
+        .iter()
+        .zip(&answers)
+        .map(|(k, m)| ed25519_dalek::Signature::from_bytes(&k.sign(m)))
+        .collect();
+    let publics: Vec<ed25519_dalek::VerifyingKey> = answerers
+        .iter()
+        .map(|k| ed25519_dalek::VerifyingKey::from_bytes(k.public_key().as_bytes()).unwrap())
+        .collect();
+    c.bench_function("41 answers: verify_strict one by one", |bench| {
+        bench.iter(|| {
+            for ((p, m), s) in publics.iter().zip(&answers).zip(&signed) {
+                assert!(p.verify_strict(black_box(m), s).is_ok());
+            }
+        })
+    });
+    c.bench_function("41 answers: verify_batch", |bench| {
+        let messages: Vec<&[u8]> = answers.iter().map(Vec::as_slice).collect();
+        bench.iter(|| {
+            assert!(ed25519_dalek::verify_batch(black_box(&messages), &signed, &publics).is_ok())
+        })
+    });
     println!(
         "sizes: locate request {} bytes, 42-member list {} bytes",
         sealed.len(),
