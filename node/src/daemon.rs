@@ -108,6 +108,10 @@ pub enum ControlResponse {
         peer_id: String,
         listen: Vec<String>,
         connected: usize,
+        /// Open peer connections; equal to `connected` once each pair of
+        /// nodes has settled on one.
+        #[serde(default)]
+        connections: usize,
         ready: bool,
         not_ready_reason: Option<String>,
         /// The sharing agreement in force, one line per scope.
@@ -230,6 +234,7 @@ async fn answer(handle: &NetworkHandle, node: &Node, request: ControlRequest) ->
                     .map(ToString::to_string)
                     .collect(),
                 connected: status.connected.len(),
+                connections: status.connections,
                 ready: node.not_ready_reason(now).is_none(),
                 not_ready_reason: node.not_ready_reason(now),
                 sharing: node.sharing().describe(),

@@ -628,6 +628,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
             peer_id,
             listen,
             connected,
+            connections,
             ready,
             not_ready_reason,
             sharing,
@@ -639,7 +640,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "running": true, "ods": ods, "peer_id": peer_id, "listen": listen,
-                    "connected_peers": connected, "ready": ready, "not_ready_reason": not_ready_reason,
+                    "connected_peers": connected, "connections": connections, "ready": ready, "not_ready_reason": not_ready_reason,
                     "sharing": sharing, "sharing_since": sharing_since,
                 }))?
             );
@@ -647,7 +648,7 @@ fn status(loaded: &LoadedConfig, json: bool) -> Result<ExitCode> {
             say!("node        {ods} (running)");
             say!("peer id     {peer_id}");
             say!("listening   {}", listen.join(", "));
-            say!("connected   {connected} peer(s)");
+            say!("connected   {connected} peer(s) over {connections} connection(s)");
             match not_ready_reason {
                 None => say!("ready       yes"),
                 Some(reason) => say!("ready       no: {reason}"),

@@ -216,6 +216,48 @@ async fn locate_and_fetch_across_three_nodes() {
 }
 
 /// QHG and QUE on a fresh list, connected to each other.
+async fn connections(r: &Running) -> usize {
+    r.handle.status().await.map(|s| s.connections).unwrap_or(0)
+}
+
+/// Nodes started together dial each other at the same moment. Each pair
+/// must still end up with one connection, and keep it once the slower
+/// end's own dial is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_keep_one_connection_per_pair() {
+    let codes = ["QHG", "QUE", "QM7", "QSL", "QKK"];
+    let mut net = Net::new(&codes);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let mut nodes = Vec::new();
+    for ods in codes {
+        nodes.push(start(&net, ods, &list).await);
+    }
+    let others = codes.len() - 1;
+    eventually("every node connected to every other", || async {
+        for node in &nodes {
+            if connected(node).await != others {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // Past the slower end's grace and a redial tick, nothing new may form.
+    tokio::time::sleep(careweave_node::net::pairing::DIAL_GRACE + Duration::from_secs(2)).await;
+    for (ods, node) in codes.iter().zip(&nodes) {
+        let status = node.handle.status().await.unwrap();
+        assert_eq!(status.connected.len(), others, "{ods} peers");
+        assert_eq!(status.connections, others, "{ods}: one connection per peer");
+    }
+    let results = nodes[0].handle.locate(locate_request()).await.unwrap();
+    assert!(
+        results.iter().all(|r| r.outcome == IcbOutcome::NoRecords),
+        "{results:?}"
+    );
+    assert_eq!(connections(&nodes[0]).await, others);
+}
+
 async fn qhg_and_que_connected() -> (Running, Running) {
     let mut net = Net::new(&["QHG", "QUE"]);
     shift_to_now(&mut net);

@@ -7,6 +7,7 @@
 
 mod answerer;
 pub mod codec;
+pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use careweave_protocol::trust::{AcceptedList, Role};
 use careweave_protocol::{OdsCode, PeerIdBytes};
 use futures::StreamExt;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, gossipsub,
     identify, identity, mdns, ping, request_response,
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::node::{FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest};
 use crate::strikes::{self, Strikes};
 use codec::FrameCodec;
+use pairing::{DialedBy, Redundant};
 
 /// The gossipsub topic new trust lists are pushed on.
 pub const TRUST_TOPIC: &str = "careweave/trust/1";
@@ -145,6 +147,8 @@ pub enum FetchFailure {
 pub struct NetStatus {
     pub listen_addrs: Vec<Multiaddr>,
     pub connected: Vec<PeerId>,
+    /// Open connections; one per connected peer when pairing has settled.
+    pub connections: usize,
 }
 
 enum Command {
@@ -506,6 +510,9 @@ pub struct EventLoop {
     allowed: HashSet<PeerId>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     redial: HashMap<PeerId, (u32, Instant)>,
+    /// Each connected peer's open connections and who dialled each, so a
+    /// second connection to the same peer can be closed (see [`pairing`]).
+    links: HashMap<PeerId, Vec<(ConnectionId, DialedBy)>>,
     inflight_total: usize,
     inflight: HashMap<PeerId, usize>,
     buckets: HashMap<PeerId, Bucket>,
@@ -640,6 +647,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         allowed: HashSet::new(),
         addresses: HashMap::new(),
         redial: HashMap::new(),
+        links: HashMap::new(),
         inflight_total: 0,
         inflight: HashMap::new(),
         buckets: HashMap::new(),
@@ -742,11 +750,13 @@ impl EventLoop {
             self.redial.remove(&peer);
             return;
         }
+        let grace = self.dial_grace(&peer);
         let entry = self.redial.entry(peer).or_insert((0, Instant::now()));
         entry.0 = entry.0.saturating_add(1);
         let base = Duration::from_millis(500)
             .saturating_mul(1 << entry.0.min(7))
-            .min(Duration::from_secs(60));
+            .min(Duration::from_secs(60))
+            + grace;
         // Jitter of up to a quarter, from the low bits of the clock.
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -754,6 +764,48 @@ impl EventLoop {
             .unwrap_or(0);
         let jitter = base.mul_f64(f64::from(nanos % 1000) / 4000.0);
         entry.1 = Instant::now() + base + jitter;
+    }
+
+    /// How long to wait before dialling `peer`, so that only one end of the
+    /// pair dials (see [`pairing`]).
+    fn dial_grace(&self, peer: &PeerId) -> Duration {
+        if pairing::dials_first(&self.swarm.local_peer_id().to_bytes(), &peer.to_bytes()) {
+            Duration::ZERO
+        } else {
+            pairing::DIAL_GRACE
+        }
+    }
+
+    /// Keeps one connection per peer: if `connection` duplicates one
+    /// already open, closes whichever of the two both ends agree to drop.
+    fn pair_up(&mut self, peer: PeerId, connection: ConnectionId, dialed: DialedBy) {
+        let own = self.swarm.local_peer_id().to_bytes();
+        let theirs = peer.to_bytes();
+        let links = self.links.entry(peer).or_default();
+        let mut close = Vec::new();
+        let mut keep_new = true;
+        links.retain(
+            |&(existing, by)| match pairing::redundant(&own, &theirs, by, dialed) {
+                Some(Redundant::Existing) => {
+                    close.push(existing);
+                    false
+                }
+                Some(Redundant::New) => {
+                    keep_new = false;
+                    true
+                }
+                None => true,
+            },
+        );
+        if keep_new {
+            links.push((connection, dialed));
+        } else {
+            close = vec![connection];
+        }
+        for id in close {
+            tracing::debug!(%peer, "a second connection to this peer closed");
+            self.swarm.close_connection(id);
+        }
     }
 
     /// Makes the allow-list exactly the active members' PeerIds, drops the
@@ -797,7 +849,14 @@ impl EventLoop {
                 self.swarm.behaviour_mut().allow.allow_peer(peer);
             }
             if !self.swarm.is_connected(&peer) {
-                self.dial(peer);
+                let grace = self.dial_grace(&peer);
+                if grace.is_zero() {
+                    self.dial(peer);
+                } else {
+                    self.redial
+                        .entry(peer)
+                        .or_insert((0, Instant::now() + grace));
+                }
             }
         }
         if publish && let Some(list) = list {
@@ -837,6 +896,7 @@ impl EventLoop {
                 let _ = reply.send(NetStatus {
                     listen_addrs: self.swarm.listeners().cloned().collect(),
                     connected: self.swarm.connected_peers().copied().collect(),
+                    connections: self.links.values().map(Vec::len).sum(),
                 });
             }
         }
@@ -1063,6 +1123,8 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
@@ -1071,15 +1133,30 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "connected");
                     self.pull_trust(peer_id);
                 }
+                let dialed = if endpoint.is_dialer() {
+                    DialedBy::Us
+                } else {
+                    DialedBy::Them
+                };
+                self.pair_up(peer_id, connection_id, dialed);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 cause,
                 ..
             } => {
-                tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
-                self.schedule_redial(peer_id);
+                if let Some(links) = self.links.get_mut(&peer_id) {
+                    links.retain(|(id, _)| *id != connection_id);
+                    if links.is_empty() {
+                        self.links.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
+                    self.schedule_redial(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
