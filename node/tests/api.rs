@@ -666,7 +666,9 @@ async fn only_the_right_certificates_get_in() {
     .unwrap();
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     assert!(
-        text.contains("careweave_trust_list_seq 1") && text.contains("careweave_peers_connected 1"),
+        text.contains("careweave_trust_list_seq 1")
+            && text.contains("careweave_peers_connected 1")
+            && text.contains("careweave_peer_connections 1"),
         "{text}"
     );
     for metric in [

@@ -894,6 +894,7 @@ async fn admin_status(
         "ods": state.node.ods().as_str(),
         "peer_id": state.node.peer_id().to_base58(),
         "connected_peers": status.connected.len(),
+        "connections": status.connections,
         "records": state.node.store.record_count(),
         "audit_entries": state.node.audit.len(),
         "trust_list_seq": list.as_ref().map(|l| l.list().seq),
@@ -975,16 +976,21 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
             .map_or(0, |l| l.list().expires.saturating_sub(now))
             .to_string(),
     );
-    let connected = state
+    let (connected, connections) = state
         .network
         .status()
         .await
-        .map(|s| s.connected.len())
-        .unwrap_or(0);
+        .map(|s| (s.connected.len(), s.connections))
+        .unwrap_or((0, 0));
     gauge(
         "careweave_peers_connected",
         "Peers connected now.",
         connected.to_string(),
+    );
+    gauge(
+        "careweave_peer_connections",
+        "Open peer connections now; one per connected peer once settled.",
+        connections.to_string(),
     );
     // Left out while the store's database is closed: unknown is not zero.
     if let Some(records) = node.store.record_count() {
