@@ -19,7 +19,7 @@ use careweave_protocol::trust::{AcceptedList, Role};
 use careweave_protocol::{OdsCode, PeerIdBytes};
 use futures::StreamExt;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, connection_limits, gossipsub,
     identify, identity, mdns, ping, request_response,
@@ -29,7 +29,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::node::{FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest};
 use crate::strikes::{self, Strikes};
 use codec::FrameCodec;
-use pairing::{DialedBy, Redundant};
 
 /// The gossipsub topic new trust lists are pushed on.
 pub const TRUST_TOPIC: &str = "careweave/trust/1";
@@ -510,9 +509,6 @@ pub struct EventLoop {
     allowed: HashSet<PeerId>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     redial: HashMap<PeerId, (u32, Instant)>,
-    /// Each connected peer's open connections and who dialled each, so a
-    /// second connection to the same peer can be closed (see [`pairing`]).
-    links: HashMap<PeerId, Vec<(ConnectionId, DialedBy)>>,
     inflight_total: usize,
     inflight: HashMap<PeerId, usize>,
     buckets: HashMap<PeerId, Bucket>,
@@ -647,7 +643,6 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         allowed: HashSet::new(),
         addresses: HashMap::new(),
         redial: HashMap::new(),
-        links: HashMap::new(),
         inflight_total: 0,
         inflight: HashMap::new(),
         buckets: HashMap::new(),
@@ -776,38 +771,6 @@ impl EventLoop {
         }
     }
 
-    /// Keeps one connection per peer: if `connection` duplicates one
-    /// already open, closes whichever of the two both ends agree to drop.
-    fn pair_up(&mut self, peer: PeerId, connection: ConnectionId, dialed: DialedBy) {
-        let own = self.swarm.local_peer_id().to_bytes();
-        let theirs = peer.to_bytes();
-        let links = self.links.entry(peer).or_default();
-        let mut close = Vec::new();
-        let mut keep_new = true;
-        links.retain(
-            |&(existing, by)| match pairing::redundant(&own, &theirs, by, dialed) {
-                Some(Redundant::Existing) => {
-                    close.push(existing);
-                    false
-                }
-                Some(Redundant::New) => {
-                    keep_new = false;
-                    true
-                }
-                None => true,
-            },
-        );
-        if keep_new {
-            links.push((connection, dialed));
-        } else {
-            close = vec![connection];
-        }
-        for id in close {
-            tracing::debug!(%peer, "a second connection to this peer closed");
-            self.swarm.close_connection(id);
-        }
-    }
-
     /// Makes the allow-list exactly the active members' PeerIds, drops the
     /// rest, dials newcomers, and optionally pushes the list on gossip.
     fn apply_trust(&mut self, publish: bool) {
@@ -896,7 +859,13 @@ impl EventLoop {
                 let _ = reply.send(NetStatus {
                     listen_addrs: self.swarm.listeners().cloned().collect(),
                     connected: self.swarm.connected_peers().copied().collect(),
-                    connections: self.links.values().map(Vec::len).sum(),
+                    connections: usize::try_from(
+                        self.swarm
+                            .network_info()
+                            .connection_counters()
+                            .num_established(),
+                    )
+                    .unwrap_or(usize::MAX),
                 });
             }
         }
@@ -1123,8 +1092,6 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "listening"),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
-                connection_id,
-                endpoint,
                 num_established,
                 ..
             } => {
@@ -1133,30 +1100,15 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "connected");
                     self.pull_trust(peer_id);
                 }
-                let dialed = if endpoint.is_dialer() {
-                    DialedBy::Us
-                } else {
-                    DialedBy::Them
-                };
-                self.pair_up(peer_id, connection_id, dialed);
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                connection_id,
-                num_established,
+                num_established: 0,
                 cause,
                 ..
             } => {
-                if let Some(links) = self.links.get_mut(&peer_id) {
-                    links.retain(|(id, _)| *id != connection_id);
-                    if links.is_empty() {
-                        self.links.remove(&peer_id);
-                    }
-                }
-                if num_established == 0 {
-                    tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
-                    self.schedule_redial(peer_id);
-                }
+                tracing::info!(peer = %peer_id, cause = ?cause, "disconnected");
+                self.schedule_redial(peer_id);
             }
             SwarmEvent::OutgoingConnectionError {
                 peer_id: Some(peer),
