@@ -989,7 +989,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     );
     gauge(
         "careweave_peer_connections",
-        "Open peer connections now; one per connected peer once settled.",
+        "Open peer connections now (two nodes that dialled each other at once may hold two).",
         connections.to_string(),
     );
     // Left out while the store's database is closed: unknown is not zero.

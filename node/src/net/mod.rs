@@ -7,7 +7,6 @@
 
 mod answerer;
 pub mod codec;
-pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -146,7 +145,8 @@ pub enum FetchFailure {
 pub struct NetStatus {
     pub listen_addrs: Vec<Multiaddr>,
     pub connected: Vec<PeerId>,
-    /// Open connections; one per connected peer when pairing has settled.
+    /// Open connections. Two nodes that dial each other at once can hold
+    /// two, so this can exceed `connected` (docs/benchmarks.md).
     pub connections: usize,
 }
 
@@ -745,13 +745,11 @@ impl EventLoop {
             self.redial.remove(&peer);
             return;
         }
-        let grace = self.dial_grace(&peer);
         let entry = self.redial.entry(peer).or_insert((0, Instant::now()));
         entry.0 = entry.0.saturating_add(1);
         let base = Duration::from_millis(500)
             .saturating_mul(1 << entry.0.min(7))
-            .min(Duration::from_secs(60))
-            + grace;
+            .min(Duration::from_secs(60));
         // Jitter of up to a quarter, from the low bits of the clock.
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -759,16 +757,6 @@ impl EventLoop {
             .unwrap_or(0);
         let jitter = base.mul_f64(f64::from(nanos % 1000) / 4000.0);
         entry.1 = Instant::now() + base + jitter;
-    }
-
-    /// How long to wait before dialling `peer`, so that only one end of the
-    /// pair dials (see [`pairing`]).
-    fn dial_grace(&self, peer: &PeerId) -> Duration {
-        if pairing::dials_first(&self.swarm.local_peer_id().to_bytes(), &peer.to_bytes()) {
-            Duration::ZERO
-        } else {
-            pairing::DIAL_GRACE
-        }
     }
 
     /// Makes the allow-list exactly the active members' PeerIds, drops the
@@ -812,14 +800,7 @@ impl EventLoop {
                 self.swarm.behaviour_mut().allow.allow_peer(peer);
             }
             if !self.swarm.is_connected(&peer) {
-                let grace = self.dial_grace(&peer);
-                if grace.is_zero() {
-                    self.dial(peer);
-                } else {
-                    self.redial
-                        .entry(peer)
-                        .or_insert((0, Instant::now() + grace));
-                }
+                self.dial(peer);
             }
         }
         if publish && let Some(list) = list {
