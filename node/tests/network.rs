@@ -215,10 +215,8 @@ async fn locate_and_fetch_across_three_nodes() {
     assert!(records.iter().all(|r| r.label.custodian.as_str() == "QUE"));
 }
 
-/// QHG and QUE on a fresh list, connected to each other.
-/// Status counts open connections as well as peers. Nodes started together
-/// dial each other at once and may hold two connections to a peer, never
-/// none once connected, and never more than the limit of four per peer.
+/// Status counts open connections as well as peers: at least one per
+/// connected peer and never more than the limit of four per peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_counts_open_connections_beside_peers() {
     let codes = ["QHG", "QUE", "QM7"];
@@ -258,6 +256,7 @@ async fn status_counts_open_connections_beside_peers() {
     .await;
 }
 
+/// QHG and QUE on a fresh list, connected to each other.
 async fn qhg_and_que_connected() -> (Running, Running) {
     let mut net = Net::new(&["QHG", "QUE"]);
     shift_to_now(&mut net);
