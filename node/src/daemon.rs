@@ -108,8 +108,8 @@ pub enum ControlResponse {
         peer_id: String,
         listen: Vec<String>,
         connected: usize,
-        /// Open peer connections; equal to `connected` once each pair of
-        /// nodes has settled on one.
+        /// Open peer connections; above `connected` when two nodes that
+        /// dialled each other at once kept both.
         #[serde(default)]
         connections: usize,
         ready: bool,
