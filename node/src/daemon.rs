@@ -108,8 +108,8 @@ pub enum ControlResponse {
         peer_id: String,
         listen: Vec<String>,
         connected: usize,
-        /// Open peer connections; above `connected` when two nodes that
-        /// dialled each other at once kept both.
+        /// Open peer connections; above `connected` only while a restarted
+        /// peer's old connection is still open.
         #[serde(default)]
         connections: usize,
         ready: bool,

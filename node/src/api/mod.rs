@@ -989,7 +989,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     );
     gauge(
         "careweave_peer_connections",
-        "Open peer connections now (two nodes that dialled each other at once may hold two).",
+        "Open peer connections now (one per peer, more while a restarted peer's old connection lingers).",
         connections.to_string(),
     );
     // Left out while the store's database is closed: unknown is not zero.

@@ -7,6 +7,7 @@
 
 mod answerer;
 pub mod codec;
+pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -61,11 +62,13 @@ fn stream_protocol(protocol: ProtocolId) -> StreamProtocol {
     }
 }
 
-/// The behaviours, the allow-list first so it decides before anything else.
+/// The behaviours, the allow-list first so it decides before anything else,
+/// then pairing, so a second connection is refused before the others see it.
 #[allow(missing_debug_implementations)]
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     allow: allow_block_list::Behaviour<allow_block_list::AllowedPeers>,
+    pairing: pairing::Behaviour,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -145,8 +148,8 @@ pub enum FetchFailure {
 pub struct NetStatus {
     pub listen_addrs: Vec<Multiaddr>,
     pub connected: Vec<PeerId>,
-    /// Open connections. Two nodes that dial each other at once can hold
-    /// two, so this can exceed `connected` (docs/benchmarks.md).
+    /// Open connections: one per peer, except for a moment while a restarted
+    /// peer's old connection dies (see [`pairing`]).
     pub connections: usize,
 }
 
@@ -601,6 +604,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
             };
             Ok(Behaviour {
                 allow: allow_block_list::Behaviour::default(),
+                pairing: pairing::Behaviour::new(key.public().to_peer_id()),
                 limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(
                     identify::Config::new("/careweave/1".into(), key.public())
@@ -731,6 +735,12 @@ impl EventLoop {
         let Some(addrs) = self.addresses.get(&peer).cloned() else {
             return;
         };
+        if self.swarm.behaviour().pairing.arriving_from(&peer) {
+            // Its dial to us is under way; ours would only cross it. Look
+            // again next tick in case that dial fails.
+            self.redial.entry(peer).or_insert((0, Instant::now())).1 = Instant::now();
+            return;
+        }
         let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
             .addresses(addrs)
             .build();
@@ -794,6 +804,10 @@ impl EventLoop {
             self.redial.remove(&peer);
             self.buckets.remove(&peer);
         }
+        self.swarm
+            .behaviour_mut()
+            .pairing
+            .set_addresses(wanted.iter().map(|(peer, addrs)| (peer, addrs.as_slice())));
         self.addresses = wanted.clone();
         for (peer, _) in wanted {
             if self.allowed.insert(peer) {
