@@ -58,6 +58,8 @@ pub struct TransparencySection {
     pub listen: Option<String>,
     /// Counts below this are not published.
     pub suppress_below: u64,
+    /// Connections one client address may hold open on the public listener.
+    pub max_connections_per_client: usize,
 }
 
 impl Default for TransparencySection {
@@ -65,6 +67,7 @@ impl Default for TransparencySection {
         Self {
             listen: None,
             suppress_below: 5,
+            max_connections_per_client: 4,
         }
     }
 }
@@ -502,6 +505,12 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
     if !(2..=100).contains(&t.suppress_below) {
         return Err("transparency.suppress_below must be between 2 and 100".into());
     }
+    if !(1..=api.max_concurrent.max(1)).contains(&t.max_connections_per_client) {
+        return Err(
+            "transparency.max_connections_per_client must be at least 1 and at most api.max_concurrent"
+                .into(),
+        );
+    }
     if t.listen.is_some() && (api.cert.is_none() || api.key.is_none()) {
         return Err(
             "transparency.listen needs api.cert and api.key (the report is served over HTTPS)"
@@ -638,6 +647,9 @@ disclose_existence = false
 # listen = "0.0.0.0:8444"
 # Counts below this are not published, so no individual can be singled out.
 suppress_below = 5
+# Connections one client address may hold open on the public listener (of
+# api.max_concurrent); past that its new connections are closed at once.
+max_connections_per_client = 4
 
 [log]
 # "human" or "json".
@@ -790,6 +802,12 @@ mod tests {
         );
         let err = load(&path, []).unwrap_err().to_string();
         assert!(err.contains("hobbies"), "{err}");
+        let path = write(
+            dir.path(),
+            "[node]\nods = \"QHG\"\nname = \"x\"\n[transparency]\nmax_connections_per_client = 0\n",
+        );
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("max_connections_per_client"), "{err}");
     }
 
     #[test]

@@ -879,7 +879,7 @@ async fn a_custodian_outside_the_agreement_is_shown_with_its_contact_and_counted
         c.nodes[1].1.clone(),
         "https://127.0.0.1".into(),
     ));
-    tokio::spawn(api::serve_public(listener, tls, state, 8));
+    tokio::spawn(api::serve_public(listener, tls, state, 8, 2));
     let report = call(public_port, &pki, None, "GET", "/transparency", &[], vec![])
         .await
         .unwrap();
@@ -903,4 +903,41 @@ async fn a_custodian_outside_the_agreement_is_shown_with_its_contact_and_counted
             .unwrap();
         assert_eq!(other.status, 404, "{path}");
     }
+    // One address holding its two connections open (here, idle before the
+    // TLS handshake) is refused a third at once, and served again once it
+    // lets them go.
+    let held: Vec<_> = futures::future::join_all(
+        (0..2).map(|_| tokio::net::TcpStream::connect(("127.0.0.1", public_port))),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let mut refused = false;
+    for _ in 0..50 {
+        match call(public_port, &pki, None, "GET", "/transparency", &[], vec![]).await {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            // The held connections may not have been accepted yet.
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert!(refused, "a third connection from one address was served");
+    drop(held);
+    let mut served = false;
+    for _ in 0..100 {
+        if let Ok(report) = call(public_port, &pki, None, "GET", "/transparency", &[], vec![]).await
+        {
+            assert_eq!(report.status, 200);
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "the address was not served again after closing its connections"
+    );
 }

@@ -1244,17 +1244,71 @@ pub async fn serve(
     max_body: usize,
     max_concurrent: usize,
 ) {
-    serve_app(listener, tls, router(state, max_body), max_concurrent).await;
+    // Clinical clients all hold certificates from the ICB's CA, and many may
+    // come through one integration engine's address: no per-address limit.
+    serve_app(listener, tls, router(state, max_body), max_concurrent, None).await;
 }
 
-/// Serves the public transparency report on `listener` until the process ends.
+/// Serves the public transparency report on `listener` until the process
+/// ends. Anyone can connect, so one address may hold at most `per_client`
+/// of the `max_concurrent` connections; past that its connections are
+/// closed at once, and the others' still get through.
 pub async fn serve_public(
     listener: TcpListener,
     tls: rustls::ServerConfig,
     state: Arc<ApiState>,
     max_concurrent: usize,
+    per_client: usize,
 ) {
-    serve_app(listener, tls, public_router(state), max_concurrent).await;
+    serve_app(
+        listener,
+        tls,
+        public_router(state),
+        max_concurrent,
+        Some(per_client),
+    )
+    .await;
+}
+
+/// Open connections per client address, on a listener that limits them.
+/// An address is in the map only while it has a connection open, so the
+/// map never holds more than the listener's connections.
+#[derive(Debug, Default)]
+struct OpenPerClient {
+    open: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`OpenPerClient`], given back when dropped.
+struct ClientSlot {
+    clients: Arc<OpenPerClient>,
+    addr: std::net::IpAddr,
+}
+
+impl OpenPerClient {
+    fn take(self: &Arc<Self>, addr: std::net::IpAddr, limit: usize) -> Option<ClientSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(addr).or_insert(0);
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            clients: Arc::clone(self),
+            addr,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.addr) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.addr);
+            }
+        }
+    }
 }
 
 async fn serve_app(
@@ -1262,12 +1316,26 @@ async fn serve_app(
     tls: rustls::ServerConfig,
     app: Router,
     max_concurrent: usize,
+    per_client: Option<usize>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let slots = Arc::new(tokio::sync::Semaphore::new(max_concurrent));
+    let clients = Arc::new(OpenPerClient::default());
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
+        };
+        // Checked before waiting for a free slot, so that one address
+        // holding its share cannot stall the accept loop for everyone.
+        let client_slot = match per_client {
+            Some(limit) => match clients.take(peer.ip(), limit) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::debug!(%peer, "connection refused: this address has its share open");
+                    continue;
+                }
+            },
+            None => None,
         };
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
@@ -1306,6 +1374,7 @@ async fn serve_app(
                 .serve_connection(io, service)
                 .await;
             drop(permit);
+            drop(client_slot);
         });
     }
 }
@@ -1355,6 +1424,7 @@ pub async fn start(
             tls,
             Arc::clone(&state),
             api.max_concurrent,
+            loaded.config.transparency.max_connections_per_client,
         ));
         tracing::info!(addr = %public_addr, "public transparency report listening (HTTPS, no client certificate)");
     }
