@@ -636,8 +636,7 @@ pub async fn replay(t: &Testnet) -> Outcome {
         "{} signs one locate for {} and it is sent twice",
         asker.ods, target_node.ods
     )];
-    let mut attempt = 0;
-    let (first, second) = loop {
+    let send_twice = async |attempt: u32| -> Result<(String, String), String> {
         let mut cti = [0u8; 16];
         cti.copy_from_slice(
             &sha256(format!("replay-{}-{attempt}", careweave_node::net::unix_now()).as_bytes())
@@ -651,18 +650,20 @@ pub async fn replay(t: &Testnet) -> Outcome {
             vec![bytes.clone(), bytes],
         )
         .await?;
-        let first = answers.first().map(answer_kind).unwrap_or_default();
-        // This client speaks as a member beside that member's own node. If
-        // the two nodes connected moments ago, the target refuses a second
-        // connection from the same PeerId until the race window has passed.
-        if first.starts_with("failure") && attempt == 0 {
-            said.push(format!("first try: {first}; trying again once"));
-            attempt += 1;
-            tokio::time::sleep(careweave_node::net::pairing::RACE_WINDOW).await;
-            continue;
-        }
-        break (first, answers.get(1).map(answer_kind).unwrap_or_default());
+        Ok((
+            answers.first().map(answer_kind).unwrap_or_default(),
+            answers.get(1).map(answer_kind).unwrap_or_default(),
+        ))
     };
+    let (mut first, mut second) = send_twice(0).await?;
+    // This client speaks as a member beside that member's own node. If the
+    // two nodes connected moments ago, the target refuses a second
+    // connection from the same PeerId until the race window has passed.
+    if first.starts_with("failure") {
+        said.push(format!("first try: {first}; trying again once"));
+        tokio::time::sleep(careweave_node::net::pairing::RACE_WINDOW).await;
+        (first, second) = send_twice(1).await?;
+    }
     said.push(format!("first: {first}"));
     said.push(format!("second: {second}"));
     if first == "answered" && second.contains("replay") {
