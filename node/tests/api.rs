@@ -225,6 +225,31 @@ impl Answer {
     }
 }
 
+/// Opens `count` TCP connections to `port` that the server keeps open. The
+/// server's connections from earlier requests may still be closing and
+/// count against the address, in which case it closes new ones at once; so
+/// try until none of them has been closed after a moment.
+async fn hold_open(port: u16, count: usize) -> Vec<tokio::net::TcpStream> {
+    for _ in 0..50 {
+        let held: Vec<_> = futures::future::join_all(
+            (0..count).map(|_| tokio::net::TcpStream::connect(("127.0.0.1", port))),
+        )
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let still_open = held.iter().all(|stream| {
+            matches!(stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if still_open {
+            return held;
+        }
+    }
+    panic!("the server never kept {count} connections open");
+}
+
 async fn call(
     port: u16,
     pki: &Pki,
@@ -906,13 +931,7 @@ async fn a_custodian_outside_the_agreement_is_shown_with_its_contact_and_counted
     // One address holding its two connections open (here, idle before the
     // TLS handshake) is refused a third at once, and served again once it
     // lets them go.
-    let held: Vec<_> = futures::future::join_all(
-        (0..2).map(|_| tokio::net::TcpStream::connect(("127.0.0.1", public_port))),
-    )
-    .await
-    .into_iter()
-    .map(Result::unwrap)
-    .collect();
+    let held = hold_open(public_port, 2).await;
     let mut refused = false;
     for _ in 0..50 {
         match call(public_port, &pki, None, "GET", "/transparency", &[], vec![]).await {
