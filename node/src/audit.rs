@@ -200,7 +200,38 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Signs a checkpoint now if entries were added since the last one.
+    /// Signs a checkpoint if entries were added since the last one and
+    /// `checkpoint_every_secs` have passed since it, and makes it durable.
+    /// Entries alone bring one on as they are appended; this covers a log
+    /// that has gone quiet. Returns the size it covers, if one was signed.
+    pub fn checkpoint_if_due(&self, now: u64) -> Result<Option<u64>, AuditError> {
+        let size = {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !checkpoint_due(&state, self.every_secs, now) {
+                return Ok(None);
+            }
+            self.checkpoint_locked(&mut state, now)?
+        };
+        // The audit sync, not a whole store flush: it makes the checkpoint
+        // durable and records it as the newest without waking sled's flusher.
+        self.sync()?;
+        Ok(Some(size))
+    }
+
+    /// Whether [`AuditLog::checkpoint_if_due`] would sign one now.
+    pub fn checkpoint_is_due(&self, now: u64) -> bool {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        checkpoint_due(&state, self.every_secs, now)
+    }
+
+    /// Signs a checkpoint now if entries were added since the last one, and
+    /// flushes the whole store. For shutdown and tests.
     pub fn checkpoint(&self, now: u64) -> Result<Option<u64>, AuditError> {
         let size = {
             let mut state = self
@@ -252,6 +283,12 @@ impl AuditLog {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Entries since the last checkpoint, and that one old enough (or none yet).
+fn checkpoint_due(state: &LogState, every_secs: u64, now: u64) -> bool {
+    state.range.size() != state.last_checkpoint_size
+        && now.saturating_sub(state.last_checkpoint_time) >= every_secs
 }
 
 /// Recomputes the tree from the stored entries and checks every checkpoint:
@@ -507,6 +544,27 @@ mod tests {
             verify(&log.store, &key.public_key()),
             Err(VerifyFailure::RootMismatch { size: 4 })
         );
+    }
+
+    #[test]
+    fn a_quiet_log_is_checkpointed_once_the_interval_has_passed() {
+        // Every 3 entries or 3600 s: 10 entries leave one past the last checkpoint.
+        let (_dir, log, key, _) = log_with_entries(10);
+        let last = log.last_checkpoint_time();
+        assert_eq!(log.store.latest_checkpoint().unwrap().unwrap().0, 9);
+        assert!(!log.checkpoint_is_due(last + 3599));
+        assert_eq!(log.checkpoint_if_due(last + 3599).unwrap(), None);
+
+        assert!(log.checkpoint_is_due(last + 3600));
+        assert_eq!(log.checkpoint_if_due(last + 3600).unwrap(), Some(10));
+        // Durable and recorded as the newest, without a store flush.
+        assert_eq!(log.store.latest_checkpoint().unwrap().unwrap().0, 10);
+        let report = verify(&log.store, &key.public_key()).unwrap();
+        assert_eq!((report.entries, report.checkpoints), (10, 4));
+
+        // Nothing new since: nothing to sign, however long it stays quiet.
+        assert!(!log.checkpoint_is_due(last + 100_000));
+        assert_eq!(log.checkpoint_if_due(last + 100_000).unwrap(), None);
     }
 
     #[test]

@@ -520,6 +520,8 @@ pub struct EventLoop {
     /// Flooding peers shut out for the cool-down, with their requests held.
     shut_out: HashMap<PeerId, ShutOut>,
     topic: gossipsub::IdentTopic,
+    /// The audit checkpoint being signed and synced, if one is.
+    checkpointing: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A flooding peer, shut out. Its requests are held unanswered, neither
@@ -657,6 +659,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         ),
         shut_out: HashMap::new(),
         topic: gossipsub::IdentTopic::new(TRUST_TOPIC),
+        checkpointing: None,
     };
     Ok((handle, event_loop))
 }
@@ -721,7 +724,7 @@ impl EventLoop {
             self.dial(peer);
         }
         let unix = unix_now();
-        let _ = self.node.audit.checkpoint(unix);
+        self.checkpoint_if_due(unix);
         // Fail closed the moment the list expires: drop everyone.
         if self.node.current_list(unix).is_none() && !self.allowed.is_empty() {
             tracing::error!(
@@ -729,6 +732,24 @@ impl EventLoop {
             );
             self.apply_trust(false);
         }
+    }
+
+    /// Signs and syncs a due audit checkpoint on the blocking pool, one at
+    /// a time: a sync on this loop would stall every connection meanwhile.
+    fn checkpoint_if_due(&mut self, unix: u64) {
+        let busy = self
+            .checkpointing
+            .as_ref()
+            .is_some_and(|task| !task.is_finished());
+        if busy || !self.node.audit.checkpoint_is_due(unix) {
+            return;
+        }
+        let node = Arc::clone(&self.node);
+        self.checkpointing = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = node.audit.checkpoint_if_due(unix) {
+                tracing::error!(error = %e, "could not sign the audit checkpoint");
+            }
+        }));
     }
 
     fn dial(&mut self, peer: PeerId) {
