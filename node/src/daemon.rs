@@ -43,11 +43,50 @@ pub fn net_config(config: &NodeConfig) -> Result<NetConfig, String> {
     })
 }
 
-/// Starts the network for a node; the event loop runs on the current runtime.
+/// Starts the network for a node on a thread of its own: the swarm, its
+/// connections and the event loop share one single-threaded runtime, and
+/// the returned handle works from any runtime.
+///
+/// Answering a request passes it from the connection to the event loop and
+/// back several times. On one thread those hand-offs wake nothing; on a
+/// pool each can wake a second worker, which cost 9% of an answering node's
+/// CPU (docs/benchmarks.md). Outbound signing and answer checks stay on the
+/// caller's runtime, so a node asking 41 ICBs still uses every core.
 pub fn start_network(node: Arc<Node>, config: NetConfig) -> Result<NetworkHandle, NetError> {
-    let (handle, event_loop) = net::start(node, config)?;
-    tokio::spawn(event_loop.run());
-    Ok(handle)
+    let (started_tx, started) = std::sync::mpsc::sync_channel(1);
+    let run = move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(BLOCKING_THREADS)
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = started_tx.send(Err(NetError::Task(format!(
+                    "could not start the network runtime: {e}"
+                ))));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            match net::start(node, config) {
+                Ok((handle, event_loop)) => {
+                    let _ = started_tx.send(Ok(handle));
+                    event_loop.run().await;
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            }
+        });
+    };
+    std::thread::Builder::new()
+        .name("careweave-net".to_owned())
+        .spawn(run)
+        .map_err(|e| NetError::Task(format!("could not start the network thread: {e}")))?;
+    started.recv().map_err(|_| {
+        NetError::Task("the network thread stopped before the network started".to_owned())
+    })?
 }
 
 /// A request on the control socket: one JSON object on one line.
