@@ -91,17 +91,24 @@ fn config(ods: &str, listen: String) -> NodeConfig {
     config
 }
 
-/// Starts a node at the real clock (the fixture's lists are valid around T0,
-/// so these tests sign lists for now instead).
-async fn start(net: &Net, ods: &str, list: &[u8]) -> Running {
+/// A node with a fresh store, the root and `list` installed, at the real
+/// clock (the fixture's lists are valid around T0, so these tests sign
+/// lists for now instead). Its network is not started.
+fn ready_node(net: &Net, config: NodeConfig, list: &[u8]) -> (Arc<Node>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
     let now = careweave_node::net::unix_now();
-    let node =
-        Arc::new(Node::new(config(ods, net.addr(net.port(ods))), keys(ods), store, now).unwrap());
+    let ods = config.node.ods.as_str().to_owned();
+    let node = Arc::new(Node::new(config, keys(&ods), store, now).unwrap());
     node.install_root(&net.coordinator.root_bytes(), now)
         .unwrap();
     node.install_list(list, now).unwrap();
+    (node, dir)
+}
+
+/// Starts a node, its event loop on the test's runtime.
+async fn start(net: &Net, ods: &str, list: &[u8]) -> Running {
+    let (node, dir) = ready_node(net, config(ods, net.addr(net.port(ods))), list);
     let net_config = daemon::net_config(&node.config).unwrap();
     let (handle, event_loop) = careweave_node::net::start(Arc::clone(&node), net_config).unwrap();
     let task = tokio::spawn(event_loop.run());
@@ -258,7 +265,6 @@ async fn status_counts_open_connections_beside_peers() {
     .await;
 }
 
-/// QHG and QUE on a fresh list, connected to each other.
 /// `daemon::start_network` gives the network a thread and runtime of its
 /// own, so it keeps answering after the runtime that started it is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,21 +273,7 @@ async fn the_network_outlives_the_runtime_that_started_it() {
     shift_to_now(&mut net);
     let list = net.list(1, None, &[]);
     let qhg = start(&net, "QHG", &list).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
-    let now = careweave_node::net::unix_now();
-    let que = Arc::new(
-        Node::new(
-            config("QUE", net.addr(net.port("QUE"))),
-            keys("QUE"),
-            store,
-            now,
-        )
-        .unwrap(),
-    );
-    que.install_root(&net.coordinator.root_bytes(), now)
-        .unwrap();
-    que.install_list(&list, now).unwrap();
+    let (que, _dir) = ready_node(&net, config("QUE", net.addr(net.port("QUE"))), &list);
     load(&que);
     let starter = Arc::clone(&que);
     let que_handle = std::thread::spawn(move || {
@@ -310,6 +302,7 @@ async fn the_network_outlives_the_runtime_that_started_it() {
     assert_eq!(que_handle.status().await.unwrap().connected.len(), 1);
 }
 
+/// QHG and QUE on a fresh list, connected to each other.
 async fn qhg_and_que_connected() -> (Running, Running) {
     let mut net = Net::new(&["QHG", "QUE"]);
     shift_to_now(&mut net);
@@ -733,17 +726,11 @@ async fn a_peer_over_its_rate_gets_busy_answers_and_is_shut_out_if_it_ignores_th
     shift_to_now(&mut net);
     let list = net.list(1, None, &[]);
     let qhg = start(&net, "QHG", &list).await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
     let now = careweave_node::net::unix_now();
     let mut config = config("QUE", net.addr(net.port("QUE")));
     config.network.peer_rate_per_sec = 1;
     config.network.peer_burst = 2;
-    let que_node = Arc::new(Node::new(config, keys("QUE"), store, now).unwrap());
-    que_node
-        .install_root(&net.coordinator.root_bytes(), now)
-        .unwrap();
-    que_node.install_list(&list, now).unwrap();
+    let (que_node, _dir) = ready_node(&net, config, &list);
     let (handle, event_loop) = careweave_node::net::start(
         Arc::clone(&que_node),
         daemon::net_config(&que_node.config).unwrap(),
