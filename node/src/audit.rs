@@ -105,6 +105,18 @@ struct LogState {
     last_checkpoint_time: u64,
 }
 
+impl LogState {
+    /// Entries were added since the last checkpoint.
+    fn has_unsigned_entries(&self) -> bool {
+        self.range.size() != self.last_checkpoint_size
+    }
+
+    /// Entries since the last checkpoint, and that one old enough (or none yet).
+    fn due(&self, every_secs: u64, now: u64) -> bool {
+        self.has_unsigned_entries() && now.saturating_sub(self.last_checkpoint_time) >= every_secs
+    }
+}
+
 /// The append side of the log.
 pub struct AuditLog {
     store: Store,
@@ -175,10 +187,7 @@ impl AuditLog {
     pub fn append_deferred(&self, entry: &AuditEntry) -> Result<u64, AuditError> {
         let bytes = cbor::encode(entry).map_err(|e| AuditError::Encode(e.to_string()))?;
         let leaf = audit::leaf_hash(&bytes);
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.lock_state();
         let index = state.range.size();
         self.store
             .append_audit(index, &bytes, &leaf, entry.nhs_number.as_ref())?;
@@ -205,46 +214,48 @@ impl AuditLog {
     /// Entries alone bring one on as they are appended; this covers a log
     /// that has gone quiet. Returns the size it covers, if one was signed.
     pub fn checkpoint_if_due(&self, now: u64) -> Result<Option<u64>, AuditError> {
-        let size = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !checkpoint_due(&state, self.every_secs, now) {
-                return Ok(None);
-            }
-            self.checkpoint_locked(&mut state, now)?
-        };
-        // The audit sync, not a whole store flush: it makes the checkpoint
-        // durable and records it as the newest without waking sled's flusher.
-        self.sync()?;
-        Ok(Some(size))
+        let signed = self.sign_checkpoint_if(now, |state| state.due(self.every_secs, now))?;
+        if signed.is_some() {
+            // The audit sync, not a whole store flush: it makes the checkpoint
+            // durable and records it as the newest without waking sled's flusher.
+            self.sync()?;
+        }
+        Ok(signed)
     }
 
     /// Whether [`AuditLog::checkpoint_if_due`] would sign one now.
     pub fn checkpoint_is_due(&self, now: u64) -> bool {
-        let state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        checkpoint_due(&state, self.every_secs, now)
+        self.lock_state().due(self.every_secs, now)
     }
 
     /// Signs a checkpoint now if entries were added since the last one, and
     /// flushes the whole store. For shutdown and tests.
     pub fn checkpoint(&self, now: u64) -> Result<Option<u64>, AuditError> {
-        let size = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if state.range.size() == state.last_checkpoint_size {
-                return Ok(None);
-            }
-            self.checkpoint_locked(&mut state, now)?
-        };
-        self.store.flush()?;
-        Ok(Some(size))
+        let signed = self.sign_checkpoint_if(now, LogState::has_unsigned_entries)?;
+        if signed.is_some() {
+            self.store.flush()?;
+        }
+        Ok(signed)
+    }
+
+    /// Signs a checkpoint (not yet durable) if `wanted` says so, under the
+    /// lock. Returns the size it covers.
+    fn sign_checkpoint_if(
+        &self,
+        now: u64,
+        wanted: impl FnOnce(&LogState) -> bool,
+    ) -> Result<Option<u64>, AuditError> {
+        let mut state = self.lock_state();
+        if !wanted(&state) {
+            return Ok(None);
+        }
+        self.checkpoint_locked(&mut state, now).map(Some)
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn checkpoint_locked(&self, state: &mut LogState, now: u64) -> Result<u64, AuditError> {
@@ -264,31 +275,18 @@ impl AuditLog {
 
     /// The number of entries.
     pub fn len(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .range
-            .size()
+        self.lock_state().range.size()
     }
 
     /// When the last checkpoint was signed (Unix seconds; 0 for none yet).
     pub fn last_checkpoint_time(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .last_checkpoint_time
+        self.lock_state().last_checkpoint_time
     }
 
     /// Whether the log is empty.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Entries since the last checkpoint, and that one old enough (or none yet).
-fn checkpoint_due(state: &LogState, every_secs: u64, now: u64) -> bool {
-    state.range.size() != state.last_checkpoint_size
-        && now.saturating_sub(state.last_checkpoint_time) >= every_secs
 }
 
 /// Recomputes the tree from the stored entries and checks every checkpoint:
