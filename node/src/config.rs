@@ -212,6 +212,12 @@ pub struct NetworkSection {
     pub peer_burst: u32,
     /// Seconds an idle connection stays open (libp2p's default is 10).
     pub idle_timeout_secs: u64,
+    /// Each connection is pinged about this often (each at its own interval
+    /// within a quarter of it either way), in seconds.
+    pub ping_every_secs: u64,
+    /// A ping unanswered for this long has failed; a connection whose pings
+    /// fail twice running is closed and dialled again.
+    pub ping_timeout_secs: u64,
     /// mDNS discovery; allowed only on testnet nodes, off by default.
     pub mdns: bool,
     /// The local control socket `careweave-node locate` and `fetch` use.
@@ -233,6 +239,8 @@ impl Default for NetworkSection {
             peer_rate_per_sec: 200,
             peer_burst: 400,
             idle_timeout_secs: 3600,
+            ping_every_secs: 15,
+            ping_timeout_secs: 20,
             mdns: false,
             control_socket: PathBuf::from("control.sock"),
         }
@@ -476,6 +484,12 @@ fn validate(config: &NodeConfig) -> Result<(), String> {
             "network.max_inflight_per_peer must be between 1 and network.max_inflight_total".into(),
         );
     }
+    if n.ping_every_secs == 0 || n.ping_every_secs > 3600 {
+        return Err("network.ping_every_secs must be between 1 and 3600".into());
+    }
+    if n.ping_timeout_secs == 0 || n.ping_timeout_secs > 300 {
+        return Err("network.ping_timeout_secs must be between 1 and 300".into());
+    }
     if n.peer_rate_per_sec == 0 || n.peer_burst == 0 {
         return Err("network.peer_rate_per_sec and network.peer_burst must be at least 1".into());
     }
@@ -568,6 +582,12 @@ peer_rate_per_sec = 200
 peer_burst = 400
 # Connections to other ICBs are kept open; idle ones close after this.
 idle_timeout_secs = 3600
+# Each connection is pinged about this often (each at its own interval, up
+# to a quarter either side, so that a node's pings do not all fall together).
+# A connection whose pings go unanswered twice running is closed and dialled
+# again, so a peer that vanished is reported unreachable at once.
+ping_every_secs = 15
+ping_timeout_secs = 20
 # mDNS discovery, for testnets only.
 mdns = false
 # Local socket for `careweave-node locate` and `fetch` (mode 0600).
@@ -796,6 +816,19 @@ mod tests {
         );
         let err = load(&path, []).unwrap_err().to_string();
         assert!(err.contains("message_life_secs"), "{err}");
+        for bad in [
+            "ping_every_secs = 0",
+            "ping_timeout_secs = 0",
+            "ping_every_secs = 86400",
+        ] {
+            let path = write(
+                dir.path(),
+                &format!("[node]\nods = \"QHG\"\nname = \"x\"\n[network]\n{bad}\n"),
+            );
+            let err = load(&path, []).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
         let path = write(
             dir.path(),
             "[node]\nods = \"QHG\"\nname = \"x\"\n[policy.sensitive_codes]\nhobbies = [\"1\"]\n",

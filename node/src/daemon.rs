@@ -39,6 +39,8 @@ pub fn net_config(config: &NodeConfig) -> Result<NetConfig, String> {
         rate_per_sec: f64::from(config.network.peer_rate_per_sec),
         burst: f64::from(config.network.peer_burst),
         idle_timeout: Duration::from_secs(config.network.idle_timeout_secs),
+        ping_every: Duration::from_secs(config.network.ping_every_secs),
+        ping_timeout: Duration::from_secs(config.network.ping_timeout_secs),
         mdns: config.network.mdns,
     })
 }

@@ -36,6 +36,9 @@ fn free_port() -> u16 {
 struct Net {
     coordinator: Coordinator,
     ports: Vec<(String, u16)>,
+    /// Ports the list gives instead of a node's own, for nodes reached
+    /// through a relay.
+    relayed: Vec<(String, u16)>,
     quic: bool,
 }
 
@@ -44,6 +47,7 @@ impl Net {
         Self {
             coordinator: Coordinator::new(),
             ports: codes.iter().map(|c| (c.to_string(), free_port())).collect(),
+            relayed: Vec::new(),
             quic: false,
         }
     }
@@ -53,7 +57,12 @@ impl Net {
             .ports
             .iter()
             .map(|(ods, port)| {
-                let mut m = member_at(ods, vec![Role::Provider, Role::Consumer], &self.addr(*port));
+                let port = self
+                    .relayed
+                    .iter()
+                    .find(|(relayed, _)| relayed == ods)
+                    .map_or(*port, |(_, relay)| *relay);
+                let mut m = member_at(ods, vec![Role::Provider, Role::Consumer], &self.addr(port));
                 if suspended.contains(&ods.as_str()) {
                     m.status = MemberStatus::Suspended;
                 }
@@ -108,7 +117,11 @@ fn ready_node(net: &Net, config: NodeConfig, list: &[u8]) -> (Arc<Node>, tempfil
 
 /// Starts a node, its event loop on the test's runtime.
 async fn start(net: &Net, ods: &str, list: &[u8]) -> Running {
-    let (node, dir) = ready_node(net, config(ods, net.addr(net.port(ods))), list);
+    start_with(net, config(ods, net.addr(net.port(ods))), list).await
+}
+
+async fn start_with(net: &Net, config: NodeConfig, list: &[u8]) -> Running {
+    let (node, dir) = ready_node(net, config, list);
     let net_config = daemon::net_config(&node.config).unwrap();
     let (handle, event_loop) = careweave_node::net::start(Arc::clone(&node), net_config).unwrap();
     let task = tokio::spawn(event_loop.run());
@@ -134,12 +147,21 @@ fn load(node: &Node) {
 }
 
 /// Waits, at most 20 s, for a condition; fails the test naming it if it never holds.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
+    eventually_within(what, Duration::from_secs(20), check).await;
+}
+
+async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
         if check().await {
             return;
         }
@@ -437,6 +459,112 @@ async fn a_stopped_node_is_reported_and_the_others_still_answer() {
         "{:?}",
         que_result.outcome
     );
+}
+
+/// A TCP relay on loopback that can be made to swallow everything, as a
+/// pulled cable would, while both its connections stay open.
+struct Relay {
+    port: u16,
+    swallowing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn to(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let swallowing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hole = Arc::clone(&swallowing);
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    continue;
+                };
+                let (from_in, to_in) = inbound.into_split();
+                let (from_out, to_out) = outbound.into_split();
+                tokio::spawn(Self::pipe(from_in, to_out, Arc::clone(&hole)));
+                tokio::spawn(Self::pipe(from_out, to_in, Arc::clone(&hole)));
+            }
+        });
+        Self { port, swallowing }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        swallowing: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            if swallowing.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn swallow(&self) {
+        self.swallowing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A peer that goes silent without closing its connection (here a relay
+/// that swallows every byte) is found by its missed pings: the connection
+/// is closed and counted, instead of staying open until the idle timeout
+/// while every request to it waits out its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_pings_is_closed() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let mut relays = Vec::new();
+    for ods in ["QHG", "QUE"] {
+        let relay = Relay::to(net.port(ods)).await;
+        net.relayed.push((ods.to_owned(), relay.port));
+        relays.push(relay);
+    }
+    let list = net.list(1, None, &[]);
+    let mut nodes = Vec::new();
+    for ods in ["QHG", "QUE"] {
+        let mut config = config(ods, net.addr(net.port(ods)));
+        config.network.ping_every_secs = 1;
+        config.network.ping_timeout_secs = 1;
+        nodes.push(start_with(&net, config, &list).await);
+    }
+    let (qhg, que) = (&nodes[0], &nodes[1]);
+    load(&que.node);
+    eventually("connected through the relays", || async {
+        connected(qhg).await == 1
+    })
+    .await;
+    let results = qhg.handle.locate(locate_request()).await.unwrap();
+    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    assert!(
+        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
+        "{:?}",
+        que_result.outcome
+    );
+
+    for relay in &relays {
+        relay.swallow();
+    }
+    let closed = |r: &Running| {
+        r.node
+            .metrics
+            .connections_closed_for_missed_pings
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The first ping times out after 1 s; the second goes out on a new
+    // stream about 1 s later, and libp2p gives up negotiating it after 10 s.
+    eventually_within(
+        "a silent connection closed for missed pings",
+        Duration::from_secs(40),
+        || async { closed(qhg) + closed(que) >= 1 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

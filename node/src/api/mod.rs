@@ -1119,6 +1119,13 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
                 .load(Ordering::Relaxed),
         ),
         (
+            "careweave_connections_closed_for_missed_pings_total",
+            "Connections closed because two pings running went unanswered.",
+            node.metrics
+                .connections_closed_for_missed_pings
+                .load(Ordering::Relaxed),
+        ),
+        (
             "careweave_flooding_shut_outs_total",
             "Times a member that kept sending after busy answers was shut out: its requests held unanswered for the cool-down.",
             node.metrics.flooding_shut_outs.load(Ordering::Relaxed),

@@ -7,6 +7,7 @@
 
 mod answerer;
 pub mod codec;
+pub mod liveness;
 pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
@@ -50,6 +51,11 @@ pub struct NetConfig {
     pub rate_per_sec: f64,
     pub burst: f64,
     pub idle_timeout: Duration,
+    /// Liveness: each connection is pinged about this often (see
+    /// [`liveness`]), and closed when two pings running go unanswered
+    /// within `ping_timeout`.
+    pub ping_every: Duration,
+    pub ping_timeout: Duration,
     pub mdns: bool,
 }
 
@@ -71,7 +77,7 @@ pub struct Behaviour {
     pairing: pairing::Behaviour,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
+    ping: liveness::Behaviour,
     locate: request_response::Behaviour<FrameCodec>,
     fetch: request_response::Behaviour<FrameCodec>,
     trust: request_response::Behaviour<FrameCodec>,
@@ -560,6 +566,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
     let max_frame = config.max_frame_bytes;
     let mdns_enabled = config.mdns;
     let idle = config.idle_timeout;
+    let (ping_every, ping_timeout) = (config.ping_every, config.ping_timeout);
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_pending_incoming(Some(64))
         .with_max_pending_outgoing(Some(128))
@@ -612,7 +619,7 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
                     identify::Config::new("/careweave/1".into(), key.public())
                         .with_agent_version(format!("careweave/{}", env!("CARGO_PKG_VERSION"))),
                 ),
-                ping: ping::Behaviour::new(ping::Config::new()),
+                ping: liveness::Behaviour::new(ping_every, ping_timeout),
                 locate: rr(ProtocolId::Locate),
                 fetch: rr(ProtocolId::Fetch),
                 trust: rr(ProtocolId::Trust),
@@ -1139,6 +1146,28 @@ impl EventLoop {
         }
     }
 
+    /// libp2p reports a ping failure only when a connection's pings fail
+    /// twice running. An unanswered connection is closed, so its peer is
+    /// reported unreachable at once and dialled again; a peer that does not
+    /// speak ping at all is left alone.
+    fn on_ping(&mut self, event: ping::Event) {
+        let failure = match event.result {
+            Ok(_) | Err(ping::Failure::Unsupported) => return,
+            Err(failure) => failure,
+        };
+        tracing::warn!(
+            peer = %event.peer,
+            %failure,
+            "two pings running went unanswered; closing the connection"
+        );
+        if self.swarm.close_connection(event.connection) {
+            self.node
+                .metrics
+                .connections_closed_for_missed_pings
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         use request_response::{Event, Message};
         let rr = |protocol: ProtocolId, event: Event<Vec<u8>, Vec<u8>>| (protocol, event);
@@ -1152,6 +1181,10 @@ impl EventLoop {
                 message,
             }) => {
                 self.on_gossip(message_id, propagation_source, message.data);
+                return;
+            }
+            BehaviourEvent::Ping(event) => {
+                self.on_ping(event);
                 return;
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
