@@ -176,6 +176,18 @@ pub struct OutboundRequest {
     answered: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Signed requests whose audit entries are not yet durable. They cannot be
+/// sent from here; [`Node::sync_signed`] opens them after the sync.
+#[derive(Debug)]
+pub struct UnsyncedRequests(Vec<Result<OutboundRequest, RequestError>>);
+
+impl UnsyncedRequests {
+    /// Appends another batch signed for the same locate, keeping the order.
+    pub fn append(&mut self, mut other: UnsyncedRequests) {
+        self.0.append(&mut other.0);
+    }
+}
+
 /// A peer's answer to a locate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocateAnswer {
@@ -1487,31 +1499,44 @@ impl Node {
         )
     }
 
-    /// Signs and audits a locate request for each of `peers`, with one audit
-    /// sync for them all: each is durably audited before any is sent.
-    pub fn prepare_locates(
+    /// Signs and audits a locate request for each of `peers`. The audit
+    /// entries are written but not yet durable, so the requests come back
+    /// sealed: only [`Node::sync_signed`] hands them out for sending.
+    pub fn sign_locates(
         &self,
         peers: &[OdsCode],
         request: &LocateRequest,
         now: u64,
+    ) -> UnsyncedRequests {
+        UnsyncedRequests(
+            peers
+                .iter()
+                .map(|peer| {
+                    self.prepare(
+                        ProtocolId::Locate,
+                        peer,
+                        request,
+                        request.nhs_number,
+                        &request.context,
+                        now,
+                        Durability::Deferred,
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// Makes the audit entries of signed requests durable with one sync, and
+    /// only then hands the requests out: each is durably audited before any
+    /// is sent. If the sync fails, every request becomes that error.
+    pub fn sync_signed(
+        &self,
+        signed: UnsyncedRequests,
     ) -> Vec<Result<OutboundRequest, RequestError>> {
-        let prepared: Vec<_> = peers
-            .iter()
-            .map(|peer| {
-                self.prepare(
-                    ProtocolId::Locate,
-                    peer,
-                    request,
-                    request.nhs_number,
-                    &request.context,
-                    now,
-                    Durability::Deferred,
-                )
-            })
-            .collect();
         match self.sync_audit() {
-            Ok(()) => prepared,
-            Err(e) => peers
+            Ok(()) => signed.0,
+            Err(e) => signed
+                .0
                 .iter()
                 .map(|_| Err(RequestError::Audit(e.to_string())))
                 .collect(),

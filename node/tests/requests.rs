@@ -12,7 +12,8 @@ mod common;
 use careweave_node::audit::{self, AuditEntry};
 use careweave_node::import::Importer;
 use careweave_node::node::{
-    BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest, ResponseError,
+    BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest, RequestError,
+    ResponseError,
 };
 use careweave_node::store::PatientFlags;
 use careweave_protocol::cbor::{self, Limits};
@@ -180,6 +181,37 @@ fn locate_then_fetch_across_two_nodes() {
         "records travel unchanged from ingest"
     );
     assert_eq!(last_entry(&que.node).outcome, "answered");
+}
+
+/// A national locate signs its requests in two batches, one per core. The
+/// batches keep the order asked, a member that cannot be asked keeps its
+/// place as an error, and every request sent is audited as sent.
+#[test]
+fn requests_signed_in_two_batches_keep_their_order_and_are_audited() {
+    let (qhg, _que) = pair();
+    let request = locate_request(Purpose::Treat);
+    let before = qhg.node.store.audit_len().unwrap();
+    let mut signed = qhg.node.sign_locates(&[ods("QUE")], &request, T0);
+    signed.append(
+        qhg.node
+            .sign_locates(&[ods("QM7"), ods("QHG")], &request, T0),
+    );
+    let sent = qhg.node.sync_signed(signed);
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[0].as_ref().unwrap().peer_ods, ods("QUE"));
+    assert!(
+        matches!(sent[1], Err(RequestError::NotProvider(ref who)) if who == "QM7"),
+        "{:?}",
+        sent[1]
+    );
+    assert_eq!(sent[2].as_ref().unwrap().peer_ods, ods("QHG"));
+    // The consumer-only member was never asked, so only two were audited.
+    assert_eq!(qhg.node.store.audit_len().unwrap(), before + 2);
+    for index in before..before + 2 {
+        let bytes = qhg.node.store.audit_entry(index).unwrap().unwrap();
+        let entry: AuditEntry = cbor::decode(&bytes, Limits::MESSAGE).unwrap();
+        assert_eq!(entry.outcome, "sent");
+    }
 }
 
 /// Requests answered as one batch get the same answers and audit entries,
