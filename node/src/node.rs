@@ -41,7 +41,7 @@ pub struct Metrics {
     pub frames_too_large: std::sync::Arc<AtomicU64>,
     /// Connections closed because a peer kept sending bad messages.
     pub connections_closed_for_bad_messages: AtomicU64,
-    /// Connections closed because two pings running went unanswered.
+    /// Connections closed because two pings running failed (timed out or broke).
     pub connections_closed_for_missed_pings: AtomicU64,
     /// Times a peer that kept sending past its busy answers was shut out.
     pub flooding_shut_outs: AtomicU64,

@@ -1120,7 +1120,7 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         ),
         (
             "careweave_connections_closed_for_missed_pings_total",
-            "Connections closed because two pings running went unanswered.",
+            "Connections closed because two pings running failed (timed out or broke).",
             node.metrics
                 .connections_closed_for_missed_pings
                 .load(Ordering::Relaxed),

@@ -1184,7 +1184,7 @@ impl EventLoop {
         tracing::warn!(
             peer = %event.peer,
             %failure,
-            "two pings running went unanswered; closing the connection"
+            "two pings running failed (unanswered in time, or the stream broke); closing the connection"
         );
         if self.swarm.close_connection(event.connection) {
             self.node
