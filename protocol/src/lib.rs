@@ -15,6 +15,7 @@
 //! | [`record`] | custodian-signed FHIR records |
 //! | [`trust`] | trust roots and lists: building, signing, acceptance, look-ups |
 //! | [`audit`] | RFC 6962 Merkle proofs and signed checkpoints |
+//! | [`civil`] | calendar dates as day numbers, for what people type and read |
 //!
 //! The normative description of the wire formats is `docs/protocol.md`.
 
@@ -22,6 +23,7 @@
 
 pub mod audit;
 pub mod cbor;
+pub mod civil;
 pub mod cose;
 pub mod envelope;
 pub mod keys;
