@@ -443,20 +443,16 @@ async fn prepare_on_two_threads(
     request: LocateRequest,
 ) -> Result<Vec<Result<OutboundRequest, RequestError>>, NetError> {
     let now = unix_now();
+    let request = Arc::new(request);
+    let sign = |half: Vec<OdsCode>| {
+        let (node, request) = (Arc::clone(&node), Arc::clone(&request));
+        tokio::task::spawn_blocking(move || node.sign_locates(&half, &request, now))
+    };
     let mut first = targets;
     let second = first.split_off(first.len() / 2);
-    let request = Arc::new(request);
-    let second_half = {
-        let (node, request) = (Arc::clone(&node), Arc::clone(&request));
-        tokio::task::spawn_blocking(move || node.sign_locates(&second, &request, now))
-    };
-    let first_half = tokio::task::spawn_blocking(move || {
-        let signed = node.sign_locates(&first, &request, now);
-        (node, signed)
-    });
-    let (first_half, second_half) = tokio::join!(first_half, second_half);
-    let (node, mut signed) = first_half.map_err(|e| NetError::Task(e.to_string()))?;
-    signed.append(second_half.map_err(|e| NetError::Task(e.to_string()))?);
+    let (first, second) = tokio::join!(sign(first), sign(second));
+    let mut signed = first.map_err(|e| NetError::Task(e.to_string()))?;
+    signed.append(second.map_err(|e| NetError::Task(e.to_string()))?);
     tokio::task::spawn_blocking(move || node.sync_signed(signed))
         .await
         .map_err(|e| NetError::Task(e.to_string()))
