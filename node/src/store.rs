@@ -1,6 +1,7 @@
 //! The node's store: a sled database with named trees and a schema version
 //! for records, flags, the replay cache and trust, and append-only segment
-//! files for the audit log (`store/audit/`, see [`crate::segments`]).
+//! files for the audit log (`store/audit/`, kept by the private `segments`
+//! module).
 //!
 //! Every write that is acknowledged has been made durable first (see
 //! `docs/decisions/0002-sled-durability.md` and `0013-audit-segments.md`).

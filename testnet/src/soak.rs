@@ -125,8 +125,8 @@ impl SoakReport {
         self.seconds >= MIN_SECONDS_FOR_MEMORY
     }
 
-    /// The mean of `series` over [`JUDGE_WINDOW`] just after warm-up, and
-    /// over the last [`JUDGE_WINDOW`]. In a run too short for two whole
+    /// The mean of `series` over the five minutes just after warm-up, and
+    /// over the last five minutes. In a run too short for two whole
     /// windows after warm-up, each window is half of what follows it.
     pub fn window_means(&self, series: &[Option<f64>]) -> (Option<f64>, Option<f64>) {
         let every = SERIES_EVERY.as_secs_f64();
@@ -463,7 +463,7 @@ pub struct NodeMemory {
     pub allocated: Vec<Option<f64>>,
     /// The allocator's resident memory at the same points, MiB.
     pub allocator_resident: Vec<Option<f64>>,
-    /// The highest RSS read (every [`RSS_EVERY`]), MiB.
+    /// The highest RSS read (every two seconds), MiB.
     pub peak: f64,
 }
 
