@@ -37,7 +37,7 @@ const IMPORT_RECORDS: usize = 20;
 const IMPORT_WORKING_SET: u64 = 2_000;
 const IMPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often every node's RSS is read.
-const RSS_EVERY: Duration = Duration::from_secs(2);
+pub const RSS_EVERY: Duration = Duration::from_secs(2);
 /// How often the RSS series takes a point.
 pub const SERIES_EVERY: Duration = Duration::from_secs(10);
 
@@ -47,7 +47,7 @@ const MAX_GROWTH: f64 = 0.10;
 /// end: with jemalloc a node's RSS moves by up to 10% from one minute to
 /// the next as freed pages are returned, so two single readings judged
 /// that movement, not growth.
-const JUDGE_WINDOW: Duration = Duration::from_secs(300);
+pub const JUDGE_WINDOW: Duration = Duration::from_secs(300);
 /// Shorter runs report memory but are not judged on it. Until glibc's
 /// retention and sled's checkpoint tree were dealt with (decisions 0017,
 /// 0018), memory filled for 40 to 50 minutes at this load; since then an
@@ -125,8 +125,8 @@ impl SoakReport {
         self.seconds >= MIN_SECONDS_FOR_MEMORY
     }
 
-    /// The mean of `series` over the five minutes just after warm-up, and
-    /// over the last five minutes. In a run too short for two whole
+    /// The mean of `series` over [`JUDGE_WINDOW`] just after warm-up, and
+    /// over the last [`JUDGE_WINDOW`]. In a run too short for two whole
     /// windows after warm-up, each window is half of what follows it.
     pub fn window_means(&self, series: &[Option<f64>]) -> (Option<f64>, Option<f64>) {
         let every = SERIES_EVERY.as_secs_f64();
@@ -463,7 +463,7 @@ pub struct NodeMemory {
     pub allocated: Vec<Option<f64>>,
     /// The allocator's resident memory at the same points, MiB.
     pub allocator_resident: Vec<Option<f64>>,
-    /// The highest RSS read (every two seconds), MiB.
+    /// The highest RSS read (every [`RSS_EVERY`]), MiB.
     pub peak: f64,
 }
 
