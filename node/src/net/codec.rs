@@ -28,6 +28,9 @@ pub struct FrameCodec {
     pub refused: Arc<AtomicU64>,
 }
 
+/// Frames up to this size are sent with their length prefix in one write.
+const COALESCE_UP_TO: usize = 64 * 1024;
+
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     max: usize,
@@ -65,8 +68,19 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
     }
     let len = u32::try_from(frame.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(frame).await?;
+    // yamux sends each write as a frame of its own and TLS each frame as a
+    // record, so a prefix written alone costs two more records and packets
+    // per message. Small frames go out in one write; large ones are not
+    // copied for the sake of one record among many.
+    if frame.len() <= COALESCE_UP_TO {
+        let mut framed = Vec::with_capacity(4 + frame.len());
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(frame);
+        io.write_all(&framed).await?;
+    } else {
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(frame).await?;
+    }
     io.close().await
 }
 
@@ -133,6 +147,53 @@ mod tests {
             block(read_frame(&mut read, 16, &AtomicU64::new(0))).unwrap(),
             b"hello"
         );
+    }
+
+    /// Records the size of every write it is given.
+    #[derive(Default)]
+    struct Writes(Vec<usize>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.get_mut().0.push(buf.len());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_small_frame_goes_out_in_one_write_and_a_large_one_is_not_copied() {
+        let mut small = Writes::default();
+        block(write_frame(&mut small, &[7; 300], 1 << 20)).unwrap();
+        assert_eq!(small.0, [304], "prefix and body in one write");
+
+        let large = vec![7; COALESCE_UP_TO + 1];
+        let mut writes = Writes::default();
+        block(write_frame(&mut writes, &large, 1 << 20)).unwrap();
+        assert_eq!(writes.0, [4, COALESCE_UP_TO + 1]);
+
+        for body in [vec![1; 300], large] {
+            let mut buf = Cursor::new(Vec::new());
+            block(write_frame(&mut buf, &body, 1 << 20)).unwrap();
+            let mut read = Cursor::new(buf.into_inner());
+            let got = block(read_frame(&mut read, 1 << 20, &AtomicU64::new(0))).unwrap();
+            assert_eq!(got, body);
+        }
     }
 
     #[test]
