@@ -461,6 +461,72 @@ async fn a_stopped_node_is_reported_and_the_others_still_answer() {
     );
 }
 
+/// Requests go out with their protocol id, without waiting for the
+/// confirmation (decision 0024). A member that speaks another version of the
+/// locate protocol refuses it at once: it is reported unreachable, not left
+/// to time out, and the others still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_does_not_speak_locate_is_reported_at_once() {
+    let mut net = Net::new(&["QHG", "QUE", "QM7"]);
+    shift_to_now(&mut net);
+    let list = net.list(1, None, &[]);
+    let qhg = start(&net, "QHG", &list).await;
+    let que = start(&net, "QUE", &list).await;
+    load(&que.node);
+    // QM7 holds its real key but speaks only a locate protocol of its own.
+    let mut other =
+        libp2p::SwarmBuilder::with_existing_identity(raw::libp2p_key(&keys("QM7").transport))
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                libp2p::tls::Config::new,
+                libp2p::yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(|_| {
+                libp2p::request_response::Behaviour::with_codec(
+                    careweave_node::net::codec::FrameCodec {
+                        max_request: 1 << 20,
+                        max_response: 1 << 20,
+                        ..Default::default()
+                    },
+                    [(
+                        libp2p::StreamProtocol::new("/careweave/locate/99"),
+                        libp2p::request_response::ProtocolSupport::Full,
+                    )],
+                    libp2p::request_response::Config::default(),
+                )
+            })
+            .unwrap()
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+    other
+        .listen_on(net.addr(net.port("QM7")).parse().unwrap())
+        .unwrap();
+    let other = tokio::spawn(async move {
+        loop {
+            use futures::StreamExt;
+            let _ = other.select_next_some().await;
+        }
+    });
+    eventually("connected to both", || async { connected(&qhg).await == 2 }).await;
+
+    let results = qhg.handle.locate(locate_request()).await.unwrap();
+    let qm7 = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    assert!(
+        matches!(qm7.outcome, IcbOutcome::Unreachable(_)),
+        "{:?}",
+        qm7.outcome
+    );
+    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    assert!(
+        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
+        "{:?}",
+        que_result.outcome
+    );
+    other.abort();
+}
+
 /// A TCP relay on loopback that can be made to swallow everything, as a
 /// pulled cable would, while both its connections stay open.
 struct Relay {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use careweave_node::net::codec::FrameCodec;
 use futures::StreamExt;
+use libp2p::core::upgrade;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
@@ -52,7 +53,12 @@ fn swarm() -> Result<Swarm<Behaviour>, String> {
             )
         })
         .map_err(|e| e.to_string())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        .with_swarm_config(|c| {
+            // As careweave's nodes negotiate: the request goes with the
+            // protocol's name, without a round trip first.
+            c.with_idle_connection_timeout(Duration::from_secs(3600))
+                .with_substream_upgrade_protocol_override(upgrade::Version::V1Lazy)
+        })
         .build())
 }
 

@@ -19,6 +19,7 @@ use careweave_protocol::message::{FetchRequest, LocateRequest, Pointer, Section,
 use careweave_protocol::trust::{AcceptedList, Role};
 use careweave_protocol::{OdsCode, PeerIdBytes};
 use futures::StreamExt;
+use libp2p::core::upgrade;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
@@ -650,7 +651,12 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
             })
         })
         .map_err(|e| NetError::Libp2p(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                // Every stream carries one protocol, so the request can go out
+                // with the protocol's name instead of a round trip after it.
+                .with_substream_upgrade_protocol_override(upgrade::Version::V1Lazy)
+        })
         .build();
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (finished_tx, finished) = mpsc::channel(RESPONSE_QUEUE);
