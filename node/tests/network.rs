@@ -474,32 +474,15 @@ async fn a_member_that_does_not_speak_locate_is_reported_at_once() {
     let que = start(&net, "QUE", &list).await;
     load(&que.node);
     // QM7 holds its real key but speaks only a locate protocol of its own.
-    let mut other =
-        libp2p::SwarmBuilder::with_existing_identity(raw::libp2p_key(&keys("QM7").transport))
-            .with_tokio()
-            .with_tcp(
-                libp2p::tcp::Config::default(),
-                libp2p::tls::Config::new,
-                libp2p::yamux::Config::default,
-            )
-            .unwrap()
-            .with_behaviour(|_| {
-                libp2p::request_response::Behaviour::with_codec(
-                    careweave_node::net::codec::FrameCodec {
-                        max_request: 1 << 20,
-                        max_response: 1 << 20,
-                        ..Default::default()
-                    },
-                    [(
-                        libp2p::StreamProtocol::new("/careweave/locate/99"),
-                        libp2p::request_response::ProtocolSupport::Full,
-                    )],
-                    libp2p::request_response::Config::default(),
-                )
-            })
-            .unwrap()
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
+    let mut other = raw::swarm(
+        raw::libp2p_key(&keys("QM7").transport),
+        careweave_node::net::codec::FrameCodec {
+            max_request: 1 << 20,
+            max_response: 1 << 20,
+            ..Default::default()
+        },
+        "/careweave/locate/99",
+    );
     other
         .listen_on(net.addr(net.port("QM7")).parse().unwrap())
         .unwrap();
@@ -771,16 +754,17 @@ mod raw {
         }
     }
 
-    /// Dials `addr` as `key`, sends one locate request with the codec, and
-    /// reports whether any response came back (bounded wait of 10 s).
-    pub(crate) async fn try_request(
+    /// A bare libp2p peer holding `key` that speaks only `protocol`, with
+    /// libp2p's default protocol negotiation.
+    pub(crate) fn swarm<C>(
         key: identity::Keypair,
-        target: libp2p::PeerId,
-        addr: libp2p::Multiaddr,
-        codec: LyingCodec,
-        body: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        codec: C,
+        protocol: &'static str,
+    ) -> libp2p::Swarm<request_response::Behaviour<C>>
+    where
+        C: request_response::Codec<Protocol = StreamProtocol> + Clone + Send + 'static,
+    {
+        libp2p::SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_tcp(
                 libp2p::tcp::Config::default(),
@@ -792,14 +776,27 @@ mod raw {
                 request_response::Behaviour::with_codec(
                     codec,
                     [(
-                        StreamProtocol::new("/careweave/locate/1"),
+                        StreamProtocol::new(protocol),
                         request_response::ProtocolSupport::Full,
                     )],
                     request_response::Config::default(),
                 )
             })
             .unwrap()
-            .build();
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    /// Dials `addr` as `key`, sends one locate request with the codec, and
+    /// reports whether any response came back (bounded wait of 10 s).
+    pub(crate) async fn try_request(
+        key: identity::Keypair,
+        target: libp2p::PeerId,
+        addr: libp2p::Multiaddr,
+        codec: LyingCodec,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        let mut swarm = swarm(key, codec, "/careweave/locate/1");
         swarm.add_peer_address(target, addr);
         swarm.behaviour_mut().send_request(&target, body);
         let deadline = tokio::time::sleep(Duration::from_secs(10));
