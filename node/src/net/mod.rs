@@ -653,8 +653,8 @@ pub fn start(node: Arc<Node>, config: NetConfig) -> Result<(NetworkHandle, Event
         .map_err(|e| NetError::Libp2p(e.to_string()))?
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(idle)
-                // Every stream carries one protocol, so the request can go out
-                // with the protocol's name instead of a round trip after it.
+                // Every stream offers one protocol, so a request goes out with
+                // the protocol id instead of one round trip later.
                 .with_substream_upgrade_protocol_override(upgrade::Version::V1Lazy)
         })
         .build();
