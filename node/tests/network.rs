@@ -15,7 +15,7 @@ use std::time::Duration;
 use careweave_node::config::NodeConfig;
 use careweave_node::daemon;
 use careweave_node::import::Importer;
-use careweave_node::net::{IcbOutcome, NetworkHandle};
+use careweave_node::net::{IcbOutcome, IcbResult, NetworkHandle};
 use careweave_node::node::{FetchAnswer, Node};
 use careweave_node::store::Store;
 use careweave_protocol::cbor::{self, Limits};
@@ -178,6 +178,14 @@ async fn connected(r: &Running) -> usize {
         .unwrap_or(0)
 }
 
+/// One ICB's entry in a locate's results.
+fn result_for<'a>(results: &'a [IcbResult], ods: &str) -> &'a IcbResult {
+    results
+        .iter()
+        .find(|r| r.ods.as_str() == ods)
+        .unwrap_or_else(|| panic!("no result for {ods}"))
+}
+
 fn locate_request() -> LocateRequest {
     LocateRequest {
         nhs_number: NhsNumber::parse("9990000018").unwrap(),
@@ -213,15 +221,15 @@ async fn locate_and_fetch_across_three_nodes() {
     let results = qhg.handle.locate(locate_request()).await.unwrap();
     // Every active provider answers, this node included (it holds nothing here).
     assert_eq!(results.len(), 3, "{results:?}");
-    let own = results.iter().find(|r| r.ods.as_str() == "QHG").unwrap();
+    let own = result_for(&results, "QHG");
     assert_eq!(own.outcome, IcbOutcome::NoRecords);
-    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que_result = result_for(&results, "QUE");
     let IcbOutcome::Pointers { pointers, withheld } = &que_result.outcome else {
         panic!("QUE: {:?}", que_result.outcome)
     };
     assert_eq!(pointers.len(), 7);
     assert_eq!(withheld.len(), 2);
-    let qm7_result = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    let qm7_result = result_for(&results, "QM7");
     assert_eq!(qm7_result.outcome, IcbOutcome::NoRecords);
 
     let answer = qhg
@@ -315,7 +323,7 @@ async fn the_network_outlives_the_runtime_that_started_it() {
 
     eventually("connected", || async { connected(&qhg).await == 1 }).await;
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que_result = result_for(&results, "QUE");
     assert!(
         matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
         "QUE: {:?}",
@@ -444,7 +452,7 @@ async fn a_stopped_node_is_reported_and_the_others_still_answer() {
     qm7.task.abort();
     drop(qm7);
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let qm7_result = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    let qm7_result = result_for(&results, "QM7");
     assert!(
         matches!(
             qm7_result.outcome,
@@ -453,7 +461,7 @@ async fn a_stopped_node_is_reported_and_the_others_still_answer() {
         "{:?}",
         qm7_result.outcome
     );
-    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que_result = result_for(&results, "QUE");
     assert!(
         matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
         "{:?}",
@@ -495,13 +503,13 @@ async fn a_member_that_does_not_speak_locate_is_reported_at_once() {
     eventually("connected to both", || async { connected(&qhg).await == 2 }).await;
 
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let qm7 = results.iter().find(|r| r.ods.as_str() == "QM7").unwrap();
+    let qm7 = result_for(&results, "QM7");
     assert!(
         matches!(qm7.outcome, IcbOutcome::Unreachable(_)),
         "{:?}",
         qm7.outcome
     );
-    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que_result = result_for(&results, "QUE");
     assert!(
         matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
         "{:?}",
@@ -590,7 +598,7 @@ async fn a_connection_that_stops_answering_pings_is_closed() {
     })
     .await;
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let que_result = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que_result = result_for(&results, "QUE");
     assert!(
         matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
         "{:?}",
@@ -1073,7 +1081,7 @@ async fn locate_over_quic() {
     })
     .await;
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let que = results.iter().find(|r| r.ods.as_str() == "QUE").unwrap();
+    let que = result_for(&results, "QUE");
     assert!(
         matches!(que.outcome, IcbOutcome::Pointers { .. }),
         "{results:?}"
