@@ -45,6 +45,9 @@ const TREE_REPLAY: &str = "replay_cache";
 const TREE_TRUST: &str = "trust";
 const TREE_META: &str = "meta";
 
+/// The file in the store directory that sled locks while it is open.
+const SLED_DATA_FILE: &str = "db";
+
 const META_SCHEMA: &[u8] = b"schema_version";
 const META_POINTER_SALT: &[u8] = b"pointer_salt";
 /// The newest durable signed checkpoint: its size (8 bytes, big-endian),
@@ -58,6 +61,10 @@ const META_REOPENED: &[u8] = b"reopened_at";
 pub enum StoreError {
     #[error("the store at {path} is in use by another process (is the node already running?)")]
     Locked { path: String },
+    #[error(
+        "the store at {path} was closed but its lock was still held {waited_ms} ms later (is another handle to it still open?)"
+    )]
+    NotReleased { path: String, waited_ms: u128 },
     #[error("the store at {path} cannot be opened: {message}")]
     Open { path: String, message: String },
     #[error("the store has schema version {found}; this careweave-node reads version {expected}")]
@@ -595,6 +602,36 @@ impl Store {
             "audit log moved from sled into segment files (schema 1 to 2)"
         );
         Ok(())
+    }
+
+    /// Flushes, closes this handle and waits up to `within` until the
+    /// database's file lock is free, so that another process (a node
+    /// started straight after an import) can open the store.
+    ///
+    /// Dropping a store is not enough for that: sled finishes writes on
+    /// background threads, which keep the locked file open for a moment
+    /// after the drop.
+    pub fn close(self, within: Duration) -> Result<(), StoreError> {
+        self.flush()?;
+        let path = self.path.as_ref().clone();
+        drop(self);
+        let lock_file = std::fs::File::open(path.join(SLED_DATA_FILE))?;
+        let started = Instant::now();
+        loop {
+            match lock_file.try_lock() {
+                Ok(()) => return Ok(lock_file.unlock()?),
+                Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < within => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::NotReleased {
+                        path: path.display().to_string(),
+                        waited_ms: started.elapsed().as_millis(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+            }
+        }
     }
 
     /// Waits until everything written so far is on disk (sled's flush, which
@@ -1472,6 +1509,23 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_closed_store_opens_at_once_and_a_store_held_elsewhere_does_not_close() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20u64 {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            store.put_checkpoint(round + 1, &[round as u8; 8]).unwrap();
+            store.close(Duration::from_secs(5)).unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let other_handle = store.clone();
+        match store.close(Duration::from_millis(50)) {
+            Err(StoreError::NotReleased { waited_ms, .. }) => assert!(waited_ms >= 50),
+            other => panic!("closing a store with another handle open: {other:?}"),
+        }
+        drop(other_handle);
     }
 
     #[test]

@@ -460,8 +460,14 @@ fn import_sized(node: &NodeInfo, batch: &Synthetic<'_>) -> Result<(usize, u64, f
         loaded.config.store.cache_mb * 1024 * 1024,
     )
     .map_err(err)?;
-    import_into(&store, &loaded, &keys, &node.ods, batch)
+    let imported = import_into(&store, &loaded, &keys, &node.ods, batch)?;
+    // The node process opens this store next.
+    store.close(STORE_RELEASE_WAIT).map_err(err)?;
+    Ok(imported)
 }
+
+/// How long a closed store may keep its lock before the bench gives up.
+const STORE_RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Synthetic records to import: `count` records of about `bytes` each,
 /// numbered from `first`, `per_patient` to a patient.

@@ -519,6 +519,8 @@ pub fn build(
                 )
                 .map_err(setup_err)?;
         }
+        // The node process opens this store as soon as the testnet starts.
+        store.close(Duration::from_secs(10)).map_err(setup_err)?;
     }
     let testnet = Testnet {
         dir: dir.to_path_buf(),
