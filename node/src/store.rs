@@ -433,6 +433,32 @@ fn patient_key(nhs: &NhsNumber, record_key: &str) -> Vec<u8> {
     key
 }
 
+/// Waits up to `within` until no handle in this process holds the lock on
+/// the store at `path`.
+///
+/// Dropping the last handle to a store is not enough for another process
+/// to open it at once: sled finishes writes on background threads, which
+/// keep the locked file open for a moment after the drop.
+pub fn wait_until_released(path: &Path, within: Duration) -> Result<(), StoreError> {
+    let lock_file = std::fs::File::open(path.join(SLED_DATA_FILE))?;
+    let started = Instant::now();
+    loop {
+        match lock_file.try_lock() {
+            Ok(()) => return Ok(lock_file.unlock()?),
+            Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < within => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::NotReleased {
+                    path: path.display().to_string(),
+                    waited_ms: started.elapsed().as_millis(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store with the given page cache size.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
@@ -607,31 +633,11 @@ impl Store {
     /// Flushes, closes this handle and waits up to `within` until the
     /// database's file lock is free, so that another process (a node
     /// started straight after an import) can open the store.
-    ///
-    /// Dropping a store is not enough for that: sled finishes writes on
-    /// background threads, which keep the locked file open for a moment
-    /// after the drop.
     pub fn close(self, within: Duration) -> Result<(), StoreError> {
         self.flush()?;
         let path = self.path.as_ref().clone();
         drop(self);
-        let lock_file = std::fs::File::open(path.join(SLED_DATA_FILE))?;
-        let started = Instant::now();
-        loop {
-            match lock_file.try_lock() {
-                Ok(()) => return Ok(lock_file.unlock()?),
-                Err(std::fs::TryLockError::WouldBlock) if started.elapsed() < within => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(StoreError::NotReleased {
-                        path: path.display().to_string(),
-                        waited_ms: started.elapsed().as_millis(),
-                    });
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-            }
-        }
+        wait_until_released(&path, within)
     }
 
     /// Waits until everything written so far is on disk (sled's flush, which

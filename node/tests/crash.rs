@@ -72,6 +72,10 @@ fn make_audit_history(config_path: &std::path::Path) {
             Inbound::Reply(_)
         ));
     }
+    drop(que);
+    // The child processes that follow open this store.
+    careweave_node::store::wait_until_released(&loaded.store_dir(), Duration::from_secs(10))
+        .unwrap();
 }
 
 /// `careweave-node audit verify` on a stopped node.
