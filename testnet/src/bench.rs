@@ -47,6 +47,59 @@ pub struct BenchOptions {
     /// Records in the main testnet's first node, instead of a million
     /// (full) or 20 000 (quick).
     pub records: Option<usize>,
+    /// The parts to run; every part when empty.
+    pub only: Vec<Part>,
+}
+
+impl BenchOptions {
+    fn runs(&self, part: Part) -> bool {
+        self.only.is_empty() || self.only.contains(&part)
+    }
+}
+
+/// A part of the benchmark, each on testnets of its own, so that a tester
+/// can run one alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Ingest against raw sled.
+    Ingest,
+    /// The main testnet: store size, start-up, locate against the floor,
+    /// memory, and locate with one ICB dead.
+    Locate,
+    /// Locate latency as ICBs and records grow.
+    Growth,
+    /// Fetch throughput and latency against the floor.
+    Fetch,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Ingest, Part::Locate, Part::Growth, Part::Fetch];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Ingest => "ingest",
+            Part::Locate => "locate",
+            Part::Growth => "growth",
+            Part::Fetch => "fetch",
+        }
+    }
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Part::ALL
+            .into_iter()
+            .find(|part| part.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Part::ALL.iter().map(|p| p.name()).collect();
+                format!(
+                    "no benchmark part '{s}'; the parts are {}",
+                    names.join(", ")
+                )
+            })
+    }
 }
 
 /// How big a run is.
@@ -325,6 +378,7 @@ pub(crate) fn err(e: impl std::fmt::Display) -> String {
 }
 
 /// Stops a testnet's nodes and any floor nodes when dropped, whatever happened.
+#[derive(Default)]
 pub(crate) struct Cleanup {
     pub(crate) testnets: Vec<PathBuf>,
     pub(crate) children: Vec<Child>,
@@ -1131,13 +1185,30 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     let machine = machine();
     say(&format!("machine: {machine}"));
     let sizes = message_sizes()?;
-    let mut cleanup = Cleanup {
-        testnets: vec![],
-        children: vec![],
-    };
     let mut figures = Vec::new();
+    if options.runs(Part::Ingest) {
+        figures.extend(ingest_figures(&scale, options, say)?);
+    }
+    if options.runs(Part::Locate) {
+        figures.extend(locate_figures(&scale, options, &sizes, say).await?);
+    }
+    if options.runs(Part::Growth) {
+        figures.extend(growth_figures(&scale, options, say).await?);
+    }
+    if options.runs(Part::Fetch) {
+        figures.extend(fetch_figures(&scale, options, &sizes, say).await?);
+    }
+    write_results(options, &machine, &sizes, &figures)?;
+    Ok(figures)
+}
 
-    // Ingest, in this process: careweave's importer and raw sled.
+/// Ingest, in this process: careweave's importer and raw sled.
+fn ingest_figures(
+    scale: &Scale,
+    options: &BenchOptions,
+    say: &dyn Fn(&str),
+) -> Result<Vec<Figure>, String> {
+    let mut figures = Vec::new();
     let mut ours = Vec::new();
     let mut raw = Vec::new();
     for run in 0..scale.runs {
@@ -1161,8 +1232,20 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
             .floor(raw_median)
             .target("≥ 20 000/s and ≥ 50% of raw sled", met),
     );
+    Ok(figures)
+}
 
-    // The main testnet; its first node holds the large store.
+/// The main testnet of `scale.icbs` ICBs, its first node holding the large
+/// store: store size, start-up, locate against the floor, memory under
+/// load, and locate with one ICB dead.
+async fn locate_figures(
+    scale: &Scale,
+    options: &BenchOptions,
+    sizes: &Sizes,
+    say: &dyn Fn(&str),
+) -> Result<Vec<Figure>, String> {
+    let mut figures = Vec::new();
+    let mut cleanup = Cleanup::default();
     let main_dir = options.dir.join("main");
     let t = build(&main_dir, scale.icbs, scale.patients_per_icb, say)?;
     cleanup.testnets.push(main_dir.clone());
@@ -1395,9 +1478,20 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     ));
     setup::stop_all(&main_dir);
     let _ = std::fs::remove_dir_all(main_dir.join("nodes"));
+    drop(client);
+    Ok(figures)
+}
 
-    // Growth with ICBs: every size on a fresh testnet built the same way, the
-    // largest too, so no size carries the main testnet's million records.
+/// Growth with ICBs (every size on a fresh testnet built the same way, the
+/// largest too, so no size carries the main testnet's million records), and
+/// with records per node.
+async fn growth_figures(
+    scale: &Scale,
+    options: &BenchOptions,
+    say: &dyn Fn(&str),
+) -> Result<Vec<Figure>, String> {
+    let mut figures = Vec::new();
+    let mut cleanup = Cleanup::default();
     let mut growth: Vec<(usize, f64)> = Vec::new();
     let mut icb_counts = scale.growth_icbs.clone();
     icb_counts.push(scale.icbs);
@@ -1502,8 +1596,18 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
             .target("≤ 1.5×", ratio <= 1.5),
         );
     }
+    Ok(figures)
+}
 
-    // Fetch: one node serving 4 KiB records to another.
+/// Fetch: one node serving 4 KiB records to another, against the floor.
+async fn fetch_figures(
+    scale: &Scale,
+    options: &BenchOptions,
+    sizes: &Sizes,
+    say: &dyn Fn(&str),
+) -> Result<Vec<Figure>, String> {
+    let mut figures = Vec::new();
+    let mut cleanup = Cleanup::default();
     let dir = options.dir.join("fetch");
     let t = build(&dir, 2, 5, say)?;
     cleanup.testnets.push(dir.clone());
@@ -1567,11 +1671,7 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
             .target("0", fetch_failures == 0),
     );
     let _ = std::fs::remove_dir_all(&dir);
-    drop(client);
     drop(floor_client);
-    drop(cleanup);
-
-    write_results(options, &machine, &sizes, &figures)?;
     Ok(figures)
 }
 
@@ -1695,8 +1795,14 @@ fn write_results(
     sizes: &Sizes,
     figures: &[Figure],
 ) -> Result<(), String> {
+    let parts: Vec<&str> = Part::ALL
+        .into_iter()
+        .filter(|part| options.runs(*part))
+        .map(Part::name)
+        .collect();
     let json = json!({
         "quick": options.quick,
+        "parts": parts,
         "machine": machine,
         "message_bytes": {
             "locate_request": sizes.locate_request,

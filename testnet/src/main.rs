@@ -130,6 +130,11 @@ struct BenchArgs {
     /// quick one.
     #[arg(long)]
     records: Option<usize>,
+    /// Run only these parts, comma-separated: ingest, locate (the main
+    /// testnet: store size, start-up, locate, memory, one ICB dead),
+    /// growth, fetch. Every part when absent.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<careweave_testnet::bench::Part>,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +213,7 @@ fn bench(args: BenchArgs) -> Result<ExitCode> {
         out: args.out.clone(),
         nodes: args.nodes,
         records: args.records,
+        only: args.only,
     };
     let started = Instant::now();
     let figures = runtime()?

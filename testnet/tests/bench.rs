@@ -31,6 +31,10 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["quick"], true);
+    assert_eq!(
+        json["parts"],
+        serde_json::json!(["ingest", "locate", "growth", "fetch"])
+    );
     assert!(json["machine"]["cores"].as_u64().unwrap() > 0);
     let figures = json["figures"].as_array().unwrap();
     let named = |part: &str| {
@@ -124,4 +128,48 @@ fn bad_sizes_are_refused_before_anything_starts() {
         assert!(stderr.contains(says), "{stderr}");
         assert!(!dir.path().join("work").join("main").exists());
     }
+}
+
+#[test]
+fn only_the_parts_asked_for_are_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let out = dir.path().join("out");
+    let run = Command::new(BIN)
+        .args(["bench", "--quick", "--only", "ingest,fetch", "--dir"])
+        .arg(&work)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(json["parts"], serde_json::json!(["ingest", "fetch"]));
+    let names: Vec<&str> = json["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert!(names.iter().any(|n| n.starts_with("ingest")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("fetch throughput")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains("locate")), "{names:?}");
+    assert!(!work.join("main").exists());
+
+    let unknown = Command::new(BIN)
+        .args(["bench", "--quick", "--only", "ingest,locat", "--dir"])
+        .arg(&work)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no benchmark part 'locat'; the parts are ingest, locate, growth, fetch"),
+        "{stderr}"
+    );
 }
