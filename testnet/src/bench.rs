@@ -329,6 +329,64 @@ impl CpuMeter {
     }
 }
 
+/// The share of the machine's CPU time that the hypervisor took for other
+/// guests ("steal") since the meter started. On a virtual machine it moves
+/// every figure, so each part and each fetch run reports it.
+#[derive(Debug, Clone, Copy)]
+struct StealMeter {
+    start: Option<CpuTicks>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    /// The machine-wide line of `/proc/stat`: user nice system idle iowait
+    /// irq softirq steal ...
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        Self::parse(stat.lines().next()?)
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let ticks: Vec<u64> = line
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .take(8)
+            .map(|t| t.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(Self {
+            steal: *ticks.get(7)?,
+            total: ticks.iter().sum(),
+        })
+    }
+}
+
+impl StealMeter {
+    fn start() -> Self {
+        Self {
+            start: CpuTicks::read(),
+        }
+    }
+
+    /// Percent of CPU time stolen since the start; `None` where the kernel
+    /// does not say.
+    fn percent(&self) -> Option<f64> {
+        let (start, now) = (self.start?, CpuTicks::read()?);
+        let total = now.total.checked_sub(start.total)?;
+        let steal = now.steal.checked_sub(start.steal)?;
+        (total > 0).then(|| 100.0 * steal as f64 / total as f64)
+    }
+
+    fn shown(&self) -> String {
+        self.percent()
+            .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.0}%"))
+    }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -1186,19 +1244,23 @@ pub async fn run(options: &BenchOptions, say: &dyn Fn(&str)) -> Result<Vec<Figur
     say(&format!("machine: {machine}"));
     let sizes = message_sizes()?;
     let mut figures = Vec::new();
-    if options.runs(Part::Ingest) {
-        figures.extend(ingest_figures(&scale, options, say)?);
+    let mut steal = Vec::new();
+    for part in Part::ALL.into_iter().filter(|part| options.runs(*part)) {
+        let meter = StealMeter::start();
+        figures.extend(match part {
+            Part::Ingest => ingest_figures(&scale, options, say)?,
+            Part::Locate => locate_figures(&scale, options, &sizes, say).await?,
+            Part::Growth => growth_figures(&scale, options, say).await?,
+            Part::Fetch => fetch_figures(&scale, options, &sizes, say).await?,
+        });
+        say(&format!(
+            "{} part done; CPU steal during it {}",
+            part.name(),
+            meter.shown()
+        ));
+        steal.push((part, meter.percent()));
     }
-    if options.runs(Part::Locate) {
-        figures.extend(locate_figures(&scale, options, &sizes, say).await?);
-    }
-    if options.runs(Part::Growth) {
-        figures.extend(growth_figures(&scale, options, say).await?);
-    }
-    if options.runs(Part::Fetch) {
-        figures.extend(fetch_figures(&scale, options, &sizes, say).await?);
-    }
-    write_results(options, &machine, &sizes, &figures)?;
+    write_results(options, &machine, &sizes, &figures, &steal)?;
     Ok(figures)
 }
 
@@ -1632,17 +1694,30 @@ async fn fetch_figures(
     let mut throughput = Vec::new();
     let mut fetch_failures = 0;
     for run in 0..scale.runs {
+        let meter = StealMeter::start();
         let (rate, f) = fetch_closed_loop(&asker, &targets, scale.fetch_secs).await?;
-        say(&format!("fetch run {}: {rate:.0} fetches/s", run + 1));
+        say(&format!(
+            "fetch run {}: {rate:.0} fetches/s, CPU steal {}",
+            run + 1,
+            meter.shown()
+        ));
         throughput.push(rate);
         fetch_failures += f;
     }
     let rate = median(&throughput);
     let mut p99s = Vec::new();
-    for _ in 0..scale.runs {
+    for run in 0..scale.runs {
+        let meter = StealMeter::start();
         let (ms, f) = fetch_paced(&asker, &targets, rate * 0.8, scale.fetch_secs).await?;
+        let p99 = latency(ms).p99;
+        say(&format!(
+            "fetch run {} at {:.0}/s: p99 {p99:.2} ms, CPU steal {}",
+            run + 1,
+            rate * 0.8,
+            meter.shown()
+        ));
         fetch_failures += f;
-        p99s.push(latency(ms).p99);
+        p99s.push(p99);
     }
     setup::stop_all(&dir);
     let (floor_client, floor_peer, _) =
@@ -1794,6 +1869,7 @@ fn write_results(
     machine: &Value,
     sizes: &Sizes,
     figures: &[Figure],
+    steal: &[(Part, Option<f64>)],
 ) -> Result<(), String> {
     let parts: Vec<&str> = Part::ALL
         .into_iter()
@@ -1803,6 +1879,10 @@ fn write_results(
     let json = json!({
         "quick": options.quick,
         "parts": parts,
+        "steal_percent": steal
+            .iter()
+            .map(|(part, percent)| (part.name().to_owned(), json!(percent)))
+            .collect::<serde_json::Map<_, _>>(),
         "machine": machine,
         "message_bytes": {
             "locate_request": sizes.locate_request,
@@ -1817,13 +1897,34 @@ fn write_results(
         serde_json::to_vec_pretty(&json).map_err(err)?,
     )
     .map_err(err)?;
-    std::fs::write(options.out.join("bench.md"), markdown(machine, figures)).map_err(err)?;
+    let mut table = markdown(machine, figures);
+    let stolen: Vec<String> = steal
+        .iter()
+        .map(|(part, percent)| {
+            let shown = percent.map_or_else(|| "unknown".to_owned(), |p| format!("{p:.1}%"));
+            format!("{} {shown}", part.name())
+        })
+        .collect();
+    table.push_str(&format!(
+        "\nCPU time the hypervisor took for other guests (steal), by part: {}.\n",
+        stolen.join(", ")
+    ));
+    std::fs::write(options.out.join("bench.md"), table).map_err(err)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_column_of_the_cpu_line() {
+        let ticks = CpuTicks::parse("cpu  100 5 50 800 20 0 10 15 0 0").unwrap();
+        assert_eq!((ticks.steal, ticks.total), (15, 1000));
+        assert!(CpuTicks::parse("cpu0 1 2 3 4 5 6 7 8").is_none());
+        assert!(CpuTicks::parse("cpu  1 2 3").is_none());
+        assert!(CpuTicks::parse("cpu  1 2 3 4 5 6 7 x").is_none());
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

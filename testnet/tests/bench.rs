@@ -36,6 +36,11 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         serde_json::json!(["ingest", "locate", "growth", "fetch"])
     );
     assert!(json["machine"]["cores"].as_u64().unwrap() > 0);
+    for part in ["ingest", "locate", "growth", "fetch"] {
+        // Linux always reports steal, as 0 on bare metal.
+        let steal = json["steal_percent"][part].as_f64();
+        assert!(steal.is_some_and(|p| (0.0..=100.0).contains(&p)), "{json}");
+    }
     let figures = json["figures"].as_array().unwrap();
     let named = |part: &str| {
         figures
@@ -147,6 +152,8 @@ fn only_the_parts_asked_for_are_run() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["parts"], serde_json::json!(["ingest", "fetch"]));
+    let steal = json["steal_percent"].as_object().unwrap();
+    assert_eq!(steal.keys().collect::<Vec<_>>(), ["fetch", "ingest"]);
     let names: Vec<&str> = json["figures"]
         .as_array()
         .unwrap()
