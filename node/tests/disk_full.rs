@@ -290,22 +290,12 @@ fn a_full_disk_fails_cleanly_and_service_resumes_when_space_returns() {
     careweave_node::audit::verify(&que.store, &keys("QUE").log.public_key()).unwrap();
 }
 
-/// Opens a store a dropped node held. sled's background writer can hold
-/// its lock for a moment after the last handle goes, so this waits (5 s
-/// at most).
+/// Opens a store a dropped node held, once sled's background writer has let
+/// go of its lock (5 s at most).
 fn reopen(dir: &std::path::Path) -> Store {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match Store::open(dir, 1 << 20) {
-            Ok(store) => return store,
-            Err(careweave_node::store::StoreError::Locked { .. })
-                if std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(e) => panic!("the store does not open again: {e}"),
-        }
-    }
+    careweave_node::store::wait_until_released(dir, std::time::Duration::from_secs(5))
+        .expect("the dropped node's store is released");
+    Store::open(dir, 1 << 20).expect("the store opens again")
 }
 
 /// The newest audit segment file in a store.
