@@ -442,6 +442,22 @@ pub(crate) struct Cleanup {
     pub(crate) children: Vec<Child>,
 }
 
+impl Cleanup {
+    /// Builds a testnet (see [`build`]) whose nodes are stopped when this
+    /// clean-up runs.
+    fn build(
+        &mut self,
+        dir: &Path,
+        nodes: usize,
+        patients: u32,
+        say: &dyn Fn(&str),
+    ) -> Result<Testnet, String> {
+        let t = build(dir, nodes, patients, say)?;
+        self.testnets.push(dir.to_path_buf());
+        Ok(t)
+    }
+}
+
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for child in &mut self.children {
@@ -1309,8 +1325,7 @@ async fn locate_figures(
     let mut figures = Vec::new();
     let mut cleanup = Cleanup::default();
     let main_dir = options.dir.join("main");
-    let t = build(&main_dir, scale.icbs, scale.patients_per_icb, say)?;
-    cleanup.testnets.push(main_dir.clone());
+    let t = cleanup.build(&main_dir, scale.icbs, scale.patients_per_icb, say)?;
     let first = t.nodes.first().cloned().ok_or("empty testnet")?;
     let big_patients = numbers(100_000, scale.big_records / RECORDS_PER_PATIENT);
     say(&format!(
@@ -1559,8 +1574,7 @@ async fn growth_figures(
     icb_counts.push(scale.icbs);
     for &n in &icb_counts {
         let dir = options.dir.join(format!("growth-{n}"));
-        let t = build(&dir, n, scale.patients_per_icb, say)?;
-        cleanup.testnets.push(dir.clone());
+        let t = cleanup.build(&dir, n, scale.patients_per_icb, say)?;
         start(&t, say).await?;
         let node = t.nodes.first().cloned().ok_or("empty testnet")?;
         let patients = testnet_patients(&t, scale.patients_per_icb);
@@ -1597,8 +1611,7 @@ async fn growth_figures(
 
     // Growth with records per node.
     let dir = options.dir.join("growth-records");
-    let t = build(&dir, scale.growth_nodes, scale.patients_per_icb, say)?;
-    cleanup.testnets.push(dir.clone());
+    let t = cleanup.build(&dir, scale.growth_nodes, scale.patients_per_icb, say)?;
     let per_node_patients: Vec<Vec<NhsNumber>> = (0..t.nodes.len())
         .map(|i| {
             let count = scale.growth_records[1] / RECORDS_PER_PATIENT;
@@ -1671,8 +1684,7 @@ async fn fetch_figures(
     let mut figures = Vec::new();
     let mut cleanup = Cleanup::default();
     let dir = options.dir.join("fetch");
-    let t = build(&dir, 2, 5, say)?;
-    cleanup.testnets.push(dir.clone());
+    let t = cleanup.build(&dir, 2, 5, say)?;
     let (asker, custodian) = match t.nodes.as_slice() {
         [a, b] => (a.clone(), b.clone()),
         _ => return Err("fetch testnet needs two nodes".into()),
