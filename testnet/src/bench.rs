@@ -382,9 +382,12 @@ impl StealMeter {
     }
 
     fn shown(&self) -> String {
-        self.percent()
-            .map_or_else(|| "unknown".to_owned(), |p| format!("{p:.0}%"))
+        shown_steal(self.percent())
     }
+}
+
+fn shown_steal(percent: Option<f64>) -> String {
+    percent.map_or_else(|| "unknown".to_owned(), |p| format!("{p:.1}%"))
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -1555,7 +1558,6 @@ async fn locate_figures(
     ));
     setup::stop_all(&main_dir);
     let _ = std::fs::remove_dir_all(main_dir.join("nodes"));
-    drop(client);
     Ok(figures)
 }
 
@@ -1758,7 +1760,6 @@ async fn fetch_figures(
             .target("0", fetch_failures == 0),
     );
     let _ = std::fs::remove_dir_all(&dir);
-    drop(floor_client);
     Ok(figures)
 }
 
@@ -1912,10 +1913,7 @@ fn write_results(
     let mut table = markdown(machine, figures);
     let stolen: Vec<String> = steal
         .iter()
-        .map(|(part, percent)| {
-            let shown = percent.map_or_else(|| "unknown".to_owned(), |p| format!("{p:.1}%"));
-            format!("{} {shown}", part.name())
-        })
+        .map(|(part, percent)| format!("{} {}", part.name(), shown_steal(*percent)))
         .collect();
     table.push_str(&format!(
         "\nCPU time the hypervisor took for other guests (steal), by part: {}.\n",
