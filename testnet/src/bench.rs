@@ -26,11 +26,11 @@ use careweave_protocol::message::{
     FetchRequest, FetchResponse, LocateRequest, LocateResponse, RequesterContext,
 };
 use careweave_protocol::record::{self, RecordLabel};
-use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes};
+use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes, PublicKey};
 use serde_json::{Value, json};
 
 use crate::data;
-use crate::floor::{self, FloorClient};
+use crate::floor::{self, AskingWork, FloorClient, FloorPeer};
 use crate::setup::{self, NodeInfo, Options, Testnet};
 
 /// What to run and where.
@@ -835,14 +835,27 @@ async fn locate_block(
     Ok((all, failures, flagged))
 }
 
+/// Floor nodes with a client connected to all of them.
+struct FloorNet {
+    client: FloorClient,
+    peers: Vec<FloorPeer>,
+    pids: Vec<u32>,
+    /// The client's part of the required work (`floor` module).
+    work: AskingWork,
+}
+
+impl FloorNet {
+    fn ids(&self) -> Vec<libp2p::PeerId> {
+        self.peers.iter().map(|p| p.id).collect()
+    }
+}
+
 /// Starts `count` floor nodes and connects a floor client to them.
-async fn floor_net(
-    dir: &Path,
-    count: usize,
-    cleanup: &mut Cleanup,
-) -> Result<(FloorClient, Vec<libp2p::PeerId>, Vec<u32>), String> {
+async fn floor_net(dir: &Path, count: usize, cleanup: &mut Cleanup) -> Result<FloorNet, String> {
     std::fs::create_dir_all(dir).map_err(err)?;
     let exe = std::env::current_exe().map_err(err)?;
+    let work = AskingWork::new(floor::fresh_key()?, &dir.join("client.audit"))?;
+    let client_key = hex::encode(work.public_key().as_bytes());
     let mut ready_files = Vec::new();
     let mut pids = Vec::new();
     for i in 0..count {
@@ -852,6 +865,10 @@ async fn floor_net(
             .arg("floor-node")
             .arg("--ready")
             .arg(&ready)
+            .arg("--client-key")
+            .arg(&client_key)
+            .arg("--audit")
+            .arg(dir.join(format!("floor-{i}.audit")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -874,15 +891,54 @@ async fn floor_net(
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let (peer, addr) = text.split_once(' ').ok_or("bad floor ready file")?;
-        let peer: libp2p::PeerId = peer.parse().map_err(err)?;
+        let bad = || format!("bad floor ready file {}: {text:?}", ready.display());
+        let mut fields = text.split(' ');
+        let (Some(peer), Some(addr), Some(key), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return Err(bad());
+        };
+        let id: libp2p::PeerId = peer.parse().map_err(|_| bad())?;
+        let key = hex::decode(key)
+            .ok()
+            .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
+            .ok_or_else(bad)?;
         client
-            .dial(peer, addr.parse().map_err(err)?)
+            .dial(id, addr.parse().map_err(|_| bad())?)
             .await
             .map_err(|e| format!("floor dial: {e}"))?;
-        peers.push(peer);
+        peers.push(FloorPeer { id, key });
     }
-    Ok((client, peers, pids))
+    Ok(FloorNet {
+        client,
+        peers,
+        pids,
+        work,
+    })
+}
+
+/// Sequential floor fan-outs with the required work (`floor` module):
+/// latencies in ms.
+async fn floor_required_work_run(
+    floor: &FloorNet,
+    sizes: &Sizes,
+    count: usize,
+) -> Result<Vec<f64>, String> {
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        floor
+            .client
+            .fan_out_with_required_work(
+                &floor.peers,
+                &floor.work,
+                sizes.locate_request,
+                sizes.locate_response,
+            )
+            .await?;
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(latencies)
 }
 
 /// Floor fan-outs: latencies in ms.
@@ -935,6 +991,10 @@ struct LocateRuns {
     /// CPU per locate in ms, careweave's and the floor's.
     cpu: Vec<f64>,
     floor_cpu: Vec<f64>,
+    /// The signed and audited floor's latencies and CPU (`floor` module),
+    /// in a third block beside each pair; sequential runs only.
+    signed: Vec<Latency>,
+    signed_cpu: Vec<f64>,
 }
 
 impl LocateRuns {
@@ -948,6 +1008,8 @@ impl LocateRuns {
             floor: Vec::new(),
             cpu: Vec::new(),
             floor_cpu: Vec::new(),
+            signed: Vec::new(),
+            signed_cpu: Vec::new(),
         }
     }
 }
@@ -1393,18 +1455,23 @@ async fn locate_figures(
     // the floor's figures moved by a fifth between runs, and whole runs in
     // turn still left its p50 moving from 11.8 to 18.9 ms in 20 minutes.
     say("starting the plain libp2p floor");
-    let (client, floor_peers, floor_pids) =
-        floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
-    let floor_cpu = CpuMeter::new(floor_pids);
+    let floor = floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
+    let floor_cpu = CpuMeter::new(floor.pids.iter().copied());
+    let floor_ids = floor.ids();
     let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
     let floor_run = |count: usize, parallel: usize| {
         floor_cpu.per_request(
             count,
-            floor_fan_out_run(&client, &floor_peers, &locate_request, count, parallel),
+            floor_fan_out_run(&floor.client, &floor_ids, &locate_request, count, parallel),
         )
     };
+    // The same floor nodes also measure the required work alone, so what
+    // is left between it and careweave is careweave's own.
+    let signed_run =
+        |count: usize| floor_cpu.per_request(count, floor_required_work_run(&floor, sizes, count));
     locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
     floor_run(WARM_UP, PARALLEL).await?;
+    signed_run(WARM_UP).await?;
     let nodes_cpu = CpuMeter::new(t.nodes.iter().filter_map(pid));
     let mut kinds = [
         LocateRuns::new(
@@ -1424,8 +1491,8 @@ async fn locate_figures(
     for run in 0..scale.runs {
         for kind in &mut kinds {
             let (count, parallel) = (kind.count, kind.parallel);
-            let (mut ours_ms, mut floor_ms) = (Vec::new(), Vec::new());
-            let (mut cpu_total, mut floor_cpu_total) = (0.0, 0.0);
+            let (mut ours_ms, mut floor_ms, mut signed_ms) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut cpu_total, mut floor_cpu_total, mut signed_cpu_total) = (0.0, 0.0, 0.0);
             for block in blocks(count, kind.block) {
                 let size = block.len();
                 let ((ms, f, _), cpu) = nodes_cpu
@@ -1437,6 +1504,11 @@ async fn locate_figures(
                 let (ms, floor_cpu) = floor_run(size, parallel).await?;
                 floor_ms.extend(ms);
                 floor_cpu_total += floor_cpu * size as f64;
+                if parallel == 1 {
+                    let (ms, cpu) = signed_run(size).await?;
+                    signed_ms.extend(ms);
+                    signed_cpu_total += cpu * size as f64;
+                }
             }
             let (ours, floor) = (latency(ours_ms), latency(floor_ms));
             let cpu = cpu_total / count.max(1) as f64;
@@ -1456,6 +1528,19 @@ async fn locate_figures(
             kind.floor.push(floor);
             kind.cpu.push(cpu);
             kind.floor_cpu.push(floor_cpu_ms);
+            if !signed_ms.is_empty() {
+                let signed = latency(signed_ms);
+                let signed_cpu = signed_cpu_total / count.max(1) as f64;
+                say(&format!(
+                    "locate run {}: signed and audited floor p50 {:.2} ms p99 {:.2} ms, \
+                     {signed_cpu:.1} ms CPU",
+                    run + 1,
+                    signed.p50,
+                    signed.p99,
+                ));
+                kind.signed.push(signed);
+                kind.signed_cpu.push(signed_cpu);
+            }
         }
     }
     stop_sampling.store(true, Ordering::Relaxed);
@@ -1496,6 +1581,28 @@ async fn locate_figures(
             )
             .floor(floor_p999),
         );
+        if !kind.signed.is_empty() {
+            for (name, floor, part) in [
+                (
+                    "p50",
+                    floor_p50,
+                    (|l: &Latency| l.p50) as fn(&Latency) -> f64,
+                ),
+                ("p99", floor_p99, |l: &Latency| l.p99),
+            ] {
+                figures.push(
+                    Figure::new(
+                        format!(
+                            "signed and audited floor, {name}, {} ICBs, {label}",
+                            scale.icbs
+                        ),
+                        "ms",
+                        pick(&kind.signed, part),
+                    )
+                    .floor(floor),
+                );
+            }
+        }
     }
     for kind in &kinds {
         figures.push(
@@ -1509,6 +1616,19 @@ async fn locate_figures(
             )
             .floor(median(&kind.floor_cpu)),
         );
+        if !kind.signed_cpu.is_empty() {
+            figures.push(
+                Figure::new(
+                    format!(
+                        "CPU per signed and audited floor locate, {} ICBs, {}",
+                        scale.icbs, kind.label
+                    ),
+                    "ms",
+                    kind.signed_cpu.clone(),
+                )
+                .floor(median(&kind.floor_cpu)),
+            );
+        }
     }
     figures.push(
         Figure::new(
@@ -1734,14 +1854,14 @@ async fn fetch_figures(
         p99s.push(p99);
     }
     setup::stop_all(&dir);
-    let (floor_client, floor_peer, _) =
-        floor_net(&options.dir.join("floor-fetch"), 1, &mut cleanup).await?;
-    let floor_peer = *floor_peer.first().ok_or("no floor node")?;
+    let floor_fetch = floor_net(&options.dir.join("floor-fetch"), 1, &mut cleanup).await?;
+    let floor_client = &floor_fetch.client;
+    let floor_peer = floor_fetch.peers.first().ok_or("no floor node")?.id;
     let fetch_request = floor::request_bytes(sizes.fetch_request, sizes.fetch_response);
     let mut floor_rates = Vec::new();
     for _ in 0..scale.runs {
         floor_rates.push(
-            floor_closed_loop(&floor_client, floor_peer, &fetch_request, scale.fetch_secs).await?,
+            floor_closed_loop(floor_client, floor_peer, &fetch_request, scale.fetch_secs).await?,
         );
     }
     let floor_rate = median(&floor_rates);

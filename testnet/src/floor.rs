@@ -6,12 +6,28 @@
 //! A floor node answers every request with as many bytes as the request's
 //! first four bytes ask for (big-endian), so one kind of node serves both
 //! the locate and the fetch comparison.
+//!
+//! A request whose fifth byte is [`WITH_REQUIRED_WORK`] also asks for the
+//! work DESIGN requires of every locate exchange that plain request-response
+//! does not do, in its cheapest form and nothing else: the asking end signs
+//! each request and appends an audit entry, synced, before any is sent; the
+//! answering end checks the signature strictly, appends and syncs its audit
+//! entry, and signs its answer; the asking end checks each answer strictly
+//! and syncs one more entry before returning. No control socket, trust list,
+//! replay cache, policy, index, audit encoding or other behaviours. The
+//! answering end does its part on its event loop, which is the cheapest
+//! place for one request at a time and is only measured so.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use careweave_node::net::codec::FrameCodec;
+use careweave_protocol::keys::{KeyPair, PublicKey};
 use futures::StreamExt;
 use libp2p::core::upgrade;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
@@ -25,6 +41,15 @@ const MAX_FRAME: usize = 1024 * 1024;
 /// Requests the client keeps queued for its event loop.
 const QUEUE: usize = 1024;
 const DEADLINE: Duration = Duration::from_secs(10);
+/// The fifth byte of a request that asks for the required work.
+pub const WITH_REQUIRED_WORK: u8 = 1;
+const SIGNATURE_LEN: usize = 64;
+/// Where a request's or answer's distinguishing bytes sit: after the length
+/// and the mode byte, a nonce and the recipient's index.
+const NONCE: std::ops::Range<usize> = 5..21;
+/// Bytes appended to an audit file for each entry, about what one of
+/// careweave's audit entries takes in its segment.
+const AUDIT_ENTRY_BYTES: usize = 300;
 
 type Behaviour = request_response::Behaviour<FrameCodec>;
 
@@ -84,9 +109,106 @@ fn asked_len(request: &[u8]) -> usize {
         .min(MAX_FRAME)
 }
 
-/// Runs a floor node until killed. Writes `<peer id> <address>` to `ready`
-/// once it listens on 127.0.0.1.
-pub async fn serve(ready: &Path) -> Result<(), String> {
+/// Appends one audit entry and makes it durable, as careweave does before
+/// anything about a patient leaves a node.
+fn audit_synced(audit: &Mutex<File>, about: &[u8]) -> Result<(), String> {
+    let mut entry = [0u8; AUDIT_ENTRY_BYTES];
+    for (slot, byte) in entry.iter_mut().zip(about) {
+        *slot = *byte;
+    }
+    let file = audit
+        .lock()
+        .map_err(|_| "audit file lock poisoned".to_owned())?;
+    (&*file).write_all(&entry).map_err(|e| e.to_string())?;
+    file.sync_data().map_err(|e| e.to_string())
+}
+
+/// `len` bytes carrying `nonce`, with the last 64 a signature over the
+/// rest. A request also carries the answer length it asks for and the mode
+/// byte, `asked`; both are signed.
+fn signed_bytes(key: &KeyPair, len: usize, asked: Option<usize>, nonce: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0u8; len.max(NONCE.end + SIGNATURE_LEN)];
+    if let Some(asked) = asked {
+        let asked = u32::try_from(asked).unwrap_or(u32::MAX).to_be_bytes();
+        for (slot, byte) in bytes
+            .iter_mut()
+            .zip(asked.into_iter().chain([WITH_REQUIRED_WORK]))
+        {
+            *slot = byte;
+        }
+    }
+    if let Some(slots) = bytes.get_mut(NONCE) {
+        for (slot, byte) in slots.iter_mut().zip(nonce) {
+            *slot = *byte;
+        }
+    }
+    let body_len = bytes.len() - SIGNATURE_LEN;
+    let (body, signature) = bytes.split_at_mut(body_len);
+    signature.copy_from_slice(&key.sign(body));
+    bytes
+}
+
+/// Whether the last 64 bytes are `key`'s signature over the rest.
+fn signed_by(key: &PublicKey, bytes: &[u8]) -> bool {
+    bytes
+        .len()
+        .checked_sub(SIGNATURE_LEN)
+        .is_some_and(|body_len| {
+            let (body, signature) = bytes.split_at(body_len);
+            key.verify_strict(body, signature)
+        })
+}
+
+/// What a floor node needs for the required work: the asking end's key,
+/// its own, and its audit file.
+#[derive(Debug)]
+pub struct AnsweringWork {
+    client: PublicKey,
+    key: KeyPair,
+    audit: Mutex<File>,
+}
+
+impl AnsweringWork {
+    /// Opens (creating) the audit file and makes a fresh signing key.
+    pub fn new(client: PublicKey, audit: &Path) -> Result<Self, String> {
+        let audit = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(audit)
+            .map_err(|e| format!("audit file {}: {e}", audit.display()))?;
+        Ok(Self {
+            client,
+            key: fresh_key()?,
+            audit: Mutex::new(audit),
+        })
+    }
+
+    /// The answer to a request asking for the required work, or why none.
+    fn answer(&self, request: &[u8]) -> Result<Vec<u8>, String> {
+        if !signed_by(&self.client, request) {
+            return Err("request signature does not verify".into());
+        }
+        let nonce = request.get(NONCE).ok_or("request too short")?;
+        audit_synced(&self.audit, nonce)?;
+        Ok(signed_bytes(&self.key, asked_len(request), None, nonce))
+    }
+}
+
+/// A signing key from the operating system's randomness.
+pub fn fresh_key() -> Result<KeyPair, String> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| format!("random: {e}"))?;
+    Ok(KeyPair::from_secret_bytes(&secret))
+}
+
+/// Runs a floor node until killed. Writes `<peer id> <address> <public key,
+/// hex>` to `ready` once it listens on 127.0.0.1. Without `work`, requests
+/// asking for the required work go unanswered.
+pub async fn serve(ready: &Path, work: Option<AnsweringWork>) -> Result<(), String> {
+    let public = match &work {
+        Some(work) => work.key.public_key(),
+        None => fresh_key()?.public_key(),
+    };
     let mut swarm = swarm()?;
     let addr: Multiaddr = "/ip4/127.0.0.1/tcp/0"
         .parse()
@@ -95,8 +217,12 @@ pub async fn serve(ready: &Path) -> Result<(), String> {
     loop {
         match swarm.select_next_some().await {
             SwarmEvent::NewListenAddr { address, .. } => {
-                std::fs::write(ready, format!("{} {address}", swarm.local_peer_id()))
-                    .map_err(|e| e.to_string())?;
+                let line = format!(
+                    "{} {address} {}",
+                    swarm.local_peer_id(),
+                    hex::encode(public.as_bytes())
+                );
+                std::fs::write(ready, line).map_err(|e| e.to_string())?;
             }
             SwarmEvent::Behaviour(request_response::Event::Message {
                 message:
@@ -105,11 +231,64 @@ pub async fn serve(ready: &Path) -> Result<(), String> {
                     },
                 ..
             }) => {
-                let answer = vec![0u8; asked_len(&request)];
-                let _ = swarm.behaviour_mut().send_response(channel, answer);
+                let answer = match (request.get(4), &work) {
+                    (Some(&WITH_REQUIRED_WORK), Some(work)) => work.answer(&request),
+                    (Some(&WITH_REQUIRED_WORK), None) => Err("no required work here".into()),
+                    _ => Ok(vec![0u8; asked_len(&request)]),
+                };
+                // A refused request is dropped, and the asking end sees it fail.
+                if let Ok(answer) = answer {
+                    let _ = swarm.behaviour_mut().send_response(channel, answer);
+                }
             }
             _ => {}
         }
+    }
+}
+
+/// A floor node as the asking end knows it.
+#[derive(Debug, Clone)]
+pub struct FloorPeer {
+    pub id: PeerId,
+    /// The key its answers with the required work are signed with.
+    pub key: PublicKey,
+}
+
+/// What the asking end needs for the required work: its signing key and
+/// its audit file.
+#[derive(Debug)]
+pub struct AskingWork {
+    key: Arc<KeyPair>,
+    audit: Arc<Mutex<File>>,
+    next_nonce: AtomicU64,
+}
+
+impl AskingWork {
+    /// Opens (creating) the audit file.
+    pub fn new(key: KeyPair, audit: &Path) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(audit)
+            .map_err(|e| format!("audit file {}: {e}", audit.display()))?;
+        Ok(Self {
+            key: Arc::new(key),
+            audit: Arc::new(Mutex::new(file)),
+            next_nonce: AtomicU64::new(0),
+        })
+    }
+
+    /// The public key answering ends check requests against.
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public_key()
+    }
+
+    /// One audit entry, synced, on a blocking thread as careweave does.
+    async fn sync(&self, nonce: u64) -> Result<(), String> {
+        let audit = Arc::clone(&self.audit);
+        tokio::task::spawn_blocking(move || audit_synced(&audit, &nonce.to_be_bytes()))
+            .await
+            .map_err(|e| e.to_string())?
     }
 }
 
@@ -158,6 +337,50 @@ impl FloorClient {
         let answers =
             futures::future::join_all(peers.iter().map(|p| self.request(*p, bytes.to_vec()))).await;
         answers.into_iter().try_for_each(|a| a.map(|_| ()))
+    }
+
+    /// The same fan-out with the required work at both ends (module
+    /// documentation): requests signed on two threads and audited with one
+    /// sync before any is sent, each answer checked as it arrives, and one
+    /// more sync before returning.
+    pub async fn fan_out_with_required_work(
+        &self,
+        peers: &[FloorPeer],
+        work: &AskingWork,
+        request_len: usize,
+        response_len: usize,
+    ) -> Result<(), String> {
+        let nonce = work.next_nonce.fetch_add(1, Ordering::Relaxed);
+        let sign = |indexes: std::ops::Range<usize>| {
+            let key = Arc::clone(&work.key);
+            tokio::task::spawn_blocking(move || {
+                indexes
+                    .map(|i| {
+                        let nonce = [nonce.to_be_bytes(), (i as u64).to_be_bytes()].concat();
+                        signed_bytes(&key, request_len, Some(response_len), &nonce)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        let half = peers.len() / 2;
+        let (first, second) = tokio::join!(sign(0..half), sign(half..peers.len()));
+        let mut requests = first.map_err(|e| e.to_string())?;
+        requests.extend(second.map_err(|e| e.to_string())?);
+        work.sync(nonce).await?;
+        let asked = peers
+            .iter()
+            .zip(requests)
+            .map(|(peer, request)| async move {
+                let answer = self.request(peer.id, request).await?;
+                if signed_by(&peer.key, &answer) {
+                    Ok(())
+                } else {
+                    Err(format!("answer from {} does not verify", peer.id))
+                }
+            });
+        let answers = futures::future::join_all(asked).await;
+        answers.into_iter().collect::<Result<(), String>>()?;
+        work.sync(nonce).await
     }
 
     async fn send(&self, command: Command) -> Result<(), String> {
@@ -216,5 +439,118 @@ async fn client_loop(mut swarm: Swarm<Behaviour>, mut commands: mpsc::Receiver<C
                 _ => {}
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A floor node in this process, checking requests against `client`;
+    /// returns it as the asking end knows it, and its audit file.
+    async fn node(dir: &Path, client: PublicKey) -> (FloorPeer, Multiaddr, std::path::PathBuf) {
+        let ready = dir.join("node.ready");
+        let audit = dir.join("node.audit");
+        let work = AnsweringWork::new(client, &audit).unwrap();
+        let key = work.key.public_key();
+        let serving = ready.clone();
+        tokio::spawn(async move { serve(&serving, Some(work)).await });
+        let text = loop {
+            match std::fs::read_to_string(&ready) {
+                Ok(text) if !text.is_empty() => break text,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        let fields: Vec<&str> = text.split(' ').collect();
+        assert_eq!(fields[2], hex::encode(key.as_bytes()));
+        let peer = FloorPeer {
+            id: fields[0].parse().unwrap(),
+            key,
+        };
+        (peer, fields[1].parse().unwrap(), audit)
+    }
+
+    fn len(path: &Path) -> u64 {
+        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn required_work_is_signed_checked_and_audited_at_both_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = AskingWork::new(fresh_key().unwrap(), &dir.path().join("client.audit")).unwrap();
+        let (peer, addr, node_audit) = node(dir.path(), work.public_key()).await;
+        let client = FloorClient::start().unwrap();
+        client.dial(peer.id, addr).await.unwrap();
+
+        for _ in 0..3 {
+            client
+                .fan_out_with_required_work(std::slice::from_ref(&peer), &work, 435, 273)
+                .await
+                .unwrap();
+        }
+        // One synced entry per request at the answering end; two per
+        // fan-out at the asking end (before sending, after the answers).
+        assert_eq!(len(&node_audit), 3 * AUDIT_ENTRY_BYTES as u64);
+        assert_eq!(
+            len(&dir.path().join("client.audit")),
+            6 * AUDIT_ENTRY_BYTES as u64
+        );
+        // Plain requests are still answered plainly, and audit nothing.
+        let answer = client
+            .request(peer.id, request_bytes(435, 273))
+            .await
+            .unwrap();
+        assert_eq!(answer, vec![0u8; 273]);
+        assert_eq!(len(&node_audit), 3 * AUDIT_ENTRY_BYTES as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_signed_by_another_key_is_refused_and_not_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = AskingWork::new(fresh_key().unwrap(), &dir.path().join("client.audit")).unwrap();
+        let stranger = fresh_key().unwrap().public_key();
+        let (peer, addr, node_audit) = node(dir.path(), stranger).await;
+        let client = FloorClient::start().unwrap();
+        client.dial(peer.id, addr).await.unwrap();
+
+        let refused = client
+            .fan_out_with_required_work(std::slice::from_ref(&peer), &work, 435, 273)
+            .await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(len(&node_audit), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_signed_by_another_key_fails_the_fan_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = AskingWork::new(fresh_key().unwrap(), &dir.path().join("client.audit")).unwrap();
+        let (mut peer, addr, _) = node(dir.path(), work.public_key()).await;
+        let client = FloorClient::start().unwrap();
+        client.dial(peer.id, addr).await.unwrap();
+        peer.key = fresh_key().unwrap().public_key();
+
+        let error = client
+            .fan_out_with_required_work(std::slice::from_ref(&peer), &work, 435, 273)
+            .await
+            .unwrap_err();
+        assert!(error.contains("does not verify"), "{error}");
+    }
+
+    #[test]
+    fn a_signature_covers_every_byte_before_it() {
+        let key = fresh_key().unwrap();
+        let bytes = signed_bytes(&key, 435, Some(273), &[7; 16]);
+        assert_eq!(bytes.len(), 435);
+        assert_eq!(asked_len(&bytes), 273);
+        assert_eq!(bytes[4], WITH_REQUIRED_WORK);
+        assert!(signed_by(&key.public_key(), &bytes));
+        for i in [0, 4, 5, 200, 434] {
+            let mut tampered = bytes.clone();
+            tampered[i] ^= 1;
+            assert!(!signed_by(&key.public_key(), &tampered), "byte {i}");
+        }
+        assert!(!signed_by(&key.public_key(), &bytes[..63]));
+        // Too short to hold a nonce and a signature: padded to fit.
+        assert_eq!(signed_bytes(&key, 10, None, &[]).len(), 85);
     }
 }

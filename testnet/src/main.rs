@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use careweave_node::api::client::ApiClient;
-use careweave_testnet::data;
+use careweave_protocol::keys::PublicKey;
 use careweave_testnet::setup::{self, Options, SharingMix, Testnet};
+use careweave_testnet::{data, floor};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
@@ -86,6 +87,13 @@ enum Command {
     FloorNode {
         #[arg(long)]
         ready: PathBuf,
+        /// The asking end's public key (hex), for requests that ask for the
+        /// required work: signatures and synced audit entries.
+        #[arg(long, requires = "audit")]
+        client_key: Option<String>,
+        /// The file this node appends its audit entries to.
+        #[arg(long, requires = "client_key")]
+        audit: Option<PathBuf>,
     },
     /// Run one node (used by `up`; not for people).
     #[command(hide = true)]
@@ -380,9 +388,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo => demo(),
         Command::Bench(args) => bench(args),
         Command::Soak(args) => soak(args),
-        Command::FloorNode { ready } => {
+        Command::FloorNode {
+            ready,
+            client_key,
+            audit,
+        } => {
+            let work = match (client_key, audit) {
+                (Some(key), Some(audit)) => {
+                    let key = hex::decode(&key)
+                        .ok()
+                        .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("--client-key is not an Ed25519 public key in hex")
+                        })?;
+                    Some(floor::AnsweringWork::new(key, &audit).map_err(anyhow::Error::msg)?)
+                }
+                _ => None,
+            };
             runtime()?
-                .block_on(careweave_testnet::floor::serve(&ready))
+                .block_on(floor::serve(&ready, work))
                 .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }
