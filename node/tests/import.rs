@@ -158,6 +158,58 @@ fn ndjson_lines_are_imported_one_by_one() {
 }
 
 #[test]
+fn ndjson_over_many_batches_is_written_in_order() {
+    // Batches are written on a thread of their own while the next is
+    // signed; a resource seen again in a later batch must still come out
+    // as its next version, replacing the earlier one.
+    let que = node();
+    let mut config = que.node.config.clone();
+    config.import.batch_records = 2;
+    let ids = ["a", "b", "c", "a", "d", "b", "e"];
+    let text: String = ids
+        .iter()
+        .map(|id| serde_json::to_string(&condition(id, "9990000018")).unwrap() + "\n")
+        .collect();
+    let mut progress = Vec::new();
+    let (report, outcomes, _) = Importer {
+        store: &que.node.store,
+        record_key: &que.node.keys.record,
+        custodian: que.node.ods(),
+        config: &config,
+        now: T0,
+    }
+    .import_bytes("input.ndjson", text.as_bytes(), &mut |done, total| {
+        progress.push((done, total));
+    })
+    .unwrap();
+
+    assert_eq!((report.stored, report.replaced), (5, 2), "{report:?}");
+    let versions: Vec<&str> = outcomes
+        .iter()
+        .map(|o| match o {
+            EntryOutcome::Stored { version, .. } | EntryOutcome::Replaced { version, .. } => {
+                version.as_str()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(versions, ["1", "1", "1", "2", "1", "2", "1"]);
+    assert!(matches!(outcomes[3], EntryOutcome::Replaced { .. }));
+    assert!(matches!(outcomes[5], EntryOutcome::Replaced { .. }));
+    for (id, version) in [("a", "2"), ("b", "2"), ("c", "1"), ("d", "1"), ("e", "1")] {
+        let stored = que.node.store.record("Condition", id).unwrap().unwrap();
+        assert_eq!(stored.version, version, "{id}");
+    }
+    // Progress is reported as batches are written, in order, ending whole.
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{progress:?}"
+    );
+    assert_eq!(progress.last(), Some(&(7, 7)));
+    assert!(progress.len() >= 4, "{progress:?}");
+}
+
+#[test]
 fn delete_entries_remove_records() {
     let que = node();
     import(&que.node, common::BUNDLE.as_bytes());
