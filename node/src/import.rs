@@ -7,7 +7,6 @@
 //! Used by `careweave-node import` and by the clinical API's `POST /fhir`.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use careweave_protocol::record::{self, RecordLabel};
 use careweave_protocol::{KeyPair, NhsNumber, OdsCode};
@@ -299,93 +298,6 @@ fn set(outcomes: &mut [Option<EntryOutcome>], i: usize, outcome: EntryOutcome) {
 /// Most threads an import signs with.
 const MAX_SIGNING_THREADS: usize = 4;
 
-/// Signed batches handed to the writing thread and not yet reported back;
-/// it bounds the records an import holds in memory.
-const MAX_BATCHES_IN_FLIGHT: usize = 2;
-
-/// A batch back from the writing thread, with the entries handled up to
-/// its end and what the store did with each record.
-type Written = (Vec<Prepared>, usize, Result<Vec<WriteOutcome>, StoreError>);
-
-/// Writes batches in the order they come, each flushed before it is
-/// reported. Stops at the first failure, so nothing after it is written.
-fn write_in_order(
-    store: &Store,
-    batches: &Receiver<(Vec<Prepared>, usize)>,
-    written: &SyncSender<Written>,
-) {
-    for (batch, handled) in batches {
-        let writes: Vec<RecordWrite> = batch.iter().map(|p| p.write.clone()).collect();
-        let result = store.write_records(&writes);
-        let failed = result.is_err();
-        if written.send((batch, handled, result)).is_err() || failed {
-            return;
-        }
-    }
-}
-
-/// The importing side's count of batches at the writing thread.
-struct Writes<'a> {
-    count: usize,
-    written: &'a Receiver<Written>,
-    /// The first write that failed; nothing is sent after it.
-    error: Option<StoreError>,
-}
-
-impl Writes<'_> {
-    /// Waits for the oldest batch at the writing thread and records what
-    /// happened to each of its entries.
-    fn finish_one(
-        &mut self,
-        outcomes: &mut [Option<EntryOutcome>],
-        progress: &mut dyn FnMut(usize, usize),
-        total: usize,
-    ) {
-        self.count = self.count.saturating_sub(1);
-        let Ok((batch, handled, result)) = self.written.recv() else {
-            // The thread stopped after a failure it already reported, or
-            // panicked, which the join reports.
-            self.count = 0;
-            return;
-        };
-        match result {
-            Ok(results) => {
-                record_written(&batch, results, outcomes);
-                progress(handled, total);
-            }
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
-    }
-}
-
-/// What the store did with each entry of a written batch.
-fn record_written(
-    batch: &[Prepared],
-    results: Vec<WriteOutcome>,
-    outcomes: &mut [Option<EntryOutcome>],
-) {
-    for ((i, write), result) in batch.iter().map(|p| (&p.entry, &p.write)).zip(results) {
-        let (key, version) = match write {
-            RecordWrite::Put(r) => (r.key(), r.version.clone()),
-            RecordWrite::Remove { resource_type, id } => {
-                (record_key(resource_type, id), String::new())
-            }
-        };
-        set(
-            outcomes,
-            *i,
-            match result {
-                WriteOutcome::Stored => EntryOutcome::Stored { key, version },
-                WriteOutcome::Replaced => EntryOutcome::Replaced { key, version },
-                WriteOutcome::Removed => EntryOutcome::Removed { key },
-                WriteOutcome::NotFound => EntryOutcome::NotFound { key },
-            },
-        );
-    }
-}
-
 /// One entry's write, with the label its record is still to be signed under
 /// (None once signed, and for removals).
 #[derive(Debug)]
@@ -490,68 +402,38 @@ impl Importer<'_> {
             self.config.import.batch_records
         };
         let mut versions: HashMap<String, String> = HashMap::new();
+        let mut batch: Vec<Prepared> = Vec::new();
         let mut report = ImportReport::default();
-        // Batches are written in order on a thread of their own while the
-        // next is prepared and signed: a batch's store transaction runs on
-        // one core, and the other would otherwise wait for it.
-        std::thread::scope(|scope| -> Result<(), ImportError> {
-            let (to_writer, batches) = sync_channel::<(Vec<Prepared>, usize)>(1);
-            let (to_importer, written) = sync_channel::<Written>(MAX_BATCHES_IN_FLIGHT);
-            let store = self.store;
-            let writer = scope.spawn(move || write_in_order(store, &batches, &to_importer));
-            let mut in_flight = Writes {
-                count: 0,
-                written: &written,
-                error: None,
-            };
-            let mut batch: Vec<Prepared> = Vec::new();
-            for (i, item) in input.items().enumerate() {
-                match self.prepare_item(item, &patients, &mut versions) {
-                    Ok(Some((write, label))) => batch.push(Prepared {
-                        entry: i,
-                        write,
-                        label,
-                    }),
-                    Ok(None) => {}
-                    Err(reason) => set(&mut outcomes, i, EntryOutcome::Rejected { reason }),
-                }
-                if batch.len() >= batch_size {
-                    self.sign_batch(&mut batch, &mut outcomes);
-                    if in_flight.count >= MAX_BATCHES_IN_FLIGHT {
-                        in_flight.finish_one(&mut outcomes, progress, total);
-                    }
-                    if in_flight.error.is_some()
-                        || to_writer.send((std::mem::take(&mut batch), i + 1)).is_err()
-                    {
-                        break;
-                    }
-                    in_flight.count += 1;
-                }
+        for (i, item) in input.items().enumerate() {
+            match self.prepare_item(item, &patients, &mut versions) {
+                Ok(Some((write, label))) => batch.push(Prepared {
+                    entry: i,
+                    write,
+                    label,
+                }),
+                Ok(None) => {}
+                Err(reason) => set(&mut outcomes, i, EntryOutcome::Rejected { reason }),
             }
-            if in_flight.error.is_none() {
+            if batch.len() >= batch_size {
                 self.sign_batch(&mut batch, &mut outcomes);
-                let any_rejected = outcomes
-                    .iter()
-                    .any(|o| matches!(o, Some(EntryOutcome::Rejected { .. })));
-                if kind == InputKind::Transaction && any_rejected {
-                    // All or nothing: store nothing, say which entries failed.
-                    report.transaction_aborted = true;
-                    for prepared in &batch {
-                        set(&mut outcomes, prepared.entry, EntryOutcome::NotApplied);
-                    }
-                } else if !batch.is_empty() && to_writer.send((batch, total)).is_ok() {
-                    in_flight.count += 1;
-                }
+                self.write_batch(&batch, &mut outcomes)?;
+                progress(i + 1, total);
+                batch.clear();
             }
-            drop(to_writer);
-            while in_flight.count > 0 {
-                in_flight.finish_one(&mut outcomes, progress, total);
+        }
+        self.sign_batch(&mut batch, &mut outcomes);
+        let any_rejected = outcomes
+            .iter()
+            .any(|o| matches!(o, Some(EntryOutcome::Rejected { .. })));
+        if kind == InputKind::Transaction && any_rejected {
+            // All or nothing: store nothing, say which entries failed.
+            report.transaction_aborted = true;
+            for prepared in &batch {
+                set(&mut outcomes, prepared.entry, EntryOutcome::NotApplied);
             }
-            if writer.join().is_err() && in_flight.error.is_none() {
-                in_flight.error = Some(StoreError::Io("the record writing thread panicked".into()));
-            }
-            in_flight.error.take().map_or(Ok(()), |e| Err(e.into()))
-        })?;
+        } else if !batch.is_empty() {
+            self.write_batch(&batch, &mut outcomes)?;
+        }
         progress(total, total);
         let outcomes: Vec<EntryOutcome> = outcomes
             .into_iter()
@@ -658,6 +540,34 @@ impl Importer<'_> {
             );
         }
         batch.retain(|p| p.label.is_none());
+    }
+
+    fn write_batch(
+        &self,
+        batch: &[Prepared],
+        outcomes: &mut [Option<EntryOutcome>],
+    ) -> Result<(), ImportError> {
+        let writes: Vec<RecordWrite> = batch.iter().map(|p| p.write.clone()).collect();
+        let results = self.store.write_records(&writes)?;
+        for ((i, write), result) in batch.iter().map(|p| (&p.entry, &p.write)).zip(results) {
+            let (key, version) = match write {
+                RecordWrite::Put(r) => (r.key(), r.version.clone()),
+                RecordWrite::Remove { resource_type, id } => {
+                    (record_key(resource_type, id), String::new())
+                }
+            };
+            set(
+                outcomes,
+                *i,
+                match result {
+                    WriteOutcome::Stored => EntryOutcome::Stored { key, version },
+                    WriteOutcome::Replaced => EntryOutcome::Replaced { key, version },
+                    WriteOutcome::Removed => EntryOutcome::Removed { key },
+                    WriteOutcome::NotFound => EntryOutcome::NotFound { key },
+                },
+            );
+        }
+        Ok(())
     }
 
     fn check_nhs(&self, nhs: NhsNumber) -> Result<NhsNumber, ResourceError> {
