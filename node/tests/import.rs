@@ -159,9 +159,8 @@ fn ndjson_lines_are_imported_one_by_one() {
 
 #[test]
 fn ndjson_over_many_batches_is_written_in_order() {
-    // Batches are written on a thread of their own while the next is
-    // signed; a resource seen again in a later batch must still come out
-    // as its next version, replacing the earlier one.
+    // A resource seen again in a later batch comes out as its next
+    // version, replacing the earlier one, and batches land in order.
     let que = node();
     let mut config = que.node.config.clone();
     config.import.batch_records = 2;
@@ -200,7 +199,7 @@ fn ndjson_over_many_batches_is_written_in_order() {
         let stored = que.node.store.record("Condition", id).unwrap().unwrap();
         assert_eq!(stored.version, version, "{id}");
     }
-    // Progress is reported as batches are written, in order, ending whole.
+    // Progress is reported as batches are written, ending whole.
     assert!(
         progress.windows(2).all(|w| w[0].0 <= w[1].0),
         "{progress:?}"
