@@ -123,6 +123,15 @@ fn audit_synced(audit: &Mutex<File>, about: &[u8]) -> Result<(), String> {
     file.sync_data().map_err(|e| e.to_string())
 }
 
+/// Opens an audit file for appending, creating it.
+fn open_audit(path: &Path) -> Result<File, String> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("audit file {}: {e}", path.display()))
+}
+
 /// `len` bytes carrying `nonce`, with the last 64 a signature over the
 /// rest. A request also carries the answer length it asks for and the mode
 /// byte, `asked`; both are signed.
@@ -171,15 +180,10 @@ pub struct AnsweringWork {
 impl AnsweringWork {
     /// Opens (creating) the audit file and makes a fresh signing key.
     pub fn new(client: PublicKey, audit: &Path) -> Result<Self, String> {
-        let audit = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(audit)
-            .map_err(|e| format!("audit file {}: {e}", audit.display()))?;
         Ok(Self {
             client,
             key: fresh_key()?,
-            audit: Mutex::new(audit),
+            audit: Mutex::new(open_audit(audit)?),
         })
     }
 
@@ -266,14 +270,9 @@ pub struct AskingWork {
 impl AskingWork {
     /// Opens (creating) the audit file.
     pub fn new(key: KeyPair, audit: &Path) -> Result<Self, String> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(audit)
-            .map_err(|e| format!("audit file {}: {e}", audit.display()))?;
         Ok(Self {
             key: Arc::new(key),
-            audit: Arc::new(Mutex::new(file)),
+            audit: Arc::new(Mutex::new(open_audit(audit)?)),
             next_nonce: AtomicU64::new(0),
         })
     }
