@@ -26,7 +26,7 @@ use careweave_protocol::message::{
     FetchRequest, FetchResponse, LocateRequest, LocateResponse, RequesterContext,
 };
 use careweave_protocol::record::{self, RecordLabel};
-use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes, PublicKey};
+use careweave_protocol::{KeyPair, NhsNumber, OdsCode, PeerIdBytes};
 use serde_json::{Value, json};
 
 use crate::data;
@@ -891,23 +891,13 @@ async fn floor_net(dir: &Path, count: usize, cleanup: &mut Cleanup) -> Result<Fl
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let bad = || format!("bad floor ready file {}: {text:?}", ready.display());
-        let mut fields = text.split(' ');
-        let (Some(peer), Some(addr), Some(key), None) =
-            (fields.next(), fields.next(), fields.next(), fields.next())
-        else {
-            return Err(bad());
-        };
-        let id: libp2p::PeerId = peer.parse().map_err(|_| bad())?;
-        let key = hex::decode(key)
-            .ok()
-            .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
-            .ok_or_else(bad)?;
+        let (peer, addr) = floor::read_ready(&text)
+            .ok_or_else(|| format!("bad floor ready file {}: {text:?}", ready.display()))?;
         client
-            .dial(id, addr.parse().map_err(|_| bad())?)
+            .dial(peer.id, addr)
             .await
             .map_err(|e| format!("floor dial: {e}"))?;
-        peers.push(FloorPeer { id, key });
+        peers.push(peer);
     }
     Ok(FloorNet {
         client,

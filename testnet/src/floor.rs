@@ -205,6 +205,29 @@ pub fn fresh_key() -> Result<KeyPair, String> {
     Ok(KeyPair::from_secret_bytes(&secret))
 }
 
+/// A public key written as hex, as in a ready file or `--client-key`.
+pub fn public_key_from_hex(text: &str) -> Option<PublicKey> {
+    hex::decode(text)
+        .ok()
+        .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
+}
+
+/// Reads a ready file's `<peer id> <address> <public key, hex>` (see
+/// [`serve`]); `None` unless it holds exactly those three.
+pub fn read_ready(text: &str) -> Option<(FloorPeer, Multiaddr)> {
+    let mut fields = text.split(' ');
+    let (Some(id), Some(addr), Some(key), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return None;
+    };
+    let peer = FloorPeer {
+        id: id.parse().ok()?,
+        key: public_key_from_hex(key)?,
+    };
+    Some((peer, addr.parse().ok()?))
+}
+
 /// Runs a floor node until killed. Writes `<peer id> <address> <public key,
 /// hex>` to `ready` once it listens on 127.0.0.1. Without `work`, requests
 /// asking for the required work go unanswered.
@@ -460,13 +483,9 @@ mod tests {
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         };
-        let fields: Vec<&str> = text.split(' ').collect();
-        assert_eq!(fields[2], hex::encode(key.as_bytes()));
-        let peer = FloorPeer {
-            id: fields[0].parse().unwrap(),
-            key,
-        };
-        (peer, fields[1].parse().unwrap(), audit)
+        let (peer, addr) = read_ready(&text).unwrap();
+        assert_eq!(peer.key.as_bytes(), key.as_bytes());
+        (peer, addr, audit)
     }
 
     fn len(path: &Path) -> u64 {
@@ -533,6 +552,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.contains("does not verify"), "{error}");
+    }
+
+    #[test]
+    fn a_ready_file_holds_exactly_a_peer_an_address_and_a_key() {
+        let key = hex::encode(fresh_key().unwrap().public_key().as_bytes());
+        let id = PeerId::random();
+        let good = format!("{id} /ip4/127.0.0.1/tcp/4001 {key}");
+        let (peer, addr) = read_ready(&good).unwrap();
+        assert_eq!(
+            (peer.id, addr.to_string()),
+            (id, "/ip4/127.0.0.1/tcp/4001".into())
+        );
+        for bad in [
+            format!("{id} /ip4/127.0.0.1/tcp/4001"),
+            format!("{id} /ip4/127.0.0.1/tcp/4001 {key} more"),
+            format!("{id} /ip4/127.0.0.1/tcp/4001 {}", &key[2..]),
+            format!("{id} /ip4/127.0.0.1/tcp/4001 zz{}", &key[2..]),
+            format!("not-a-peer /ip4/127.0.0.1/tcp/4001 {key}"),
+            format!("{id} not-an-address {key}"),
+            String::new(),
+        ] {
+            assert!(read_ready(&bad).is_none(), "{bad:?}");
+        }
+        assert!(public_key_from_hex(&key).is_some());
+        assert!(public_key_from_hex("00").is_none());
     }
 
     #[test]

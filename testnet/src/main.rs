@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use careweave_node::api::client::ApiClient;
-use careweave_protocol::keys::PublicKey;
 use careweave_testnet::setup::{self, Options, SharingMix, Testnet};
 use careweave_testnet::{data, floor};
 use clap::{Args, Parser, Subcommand};
@@ -395,12 +394,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let work = match (client_key, audit) {
                 (Some(key), Some(audit)) => {
-                    let key = hex::decode(&key)
-                        .ok()
-                        .and_then(|bytes| PublicKey::from_slice(&bytes).ok())
-                        .ok_or_else(|| {
-                            anyhow::anyhow!("--client-key is not an Ed25519 public key in hex")
-                        })?;
+                    let key = floor::public_key_from_hex(&key).ok_or_else(|| {
+                        anyhow::anyhow!("--client-key is not an Ed25519 public key in hex")
+                    })?;
                     Some(floor::AnsweringWork::new(key, &audit).map_err(anyhow::Error::msg)?)
                 }
                 _ => None,
