@@ -10,6 +10,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use careweave_node::config::NodeConfig;
@@ -519,18 +520,32 @@ async fn a_member_that_does_not_speak_locate_is_reported_at_once() {
 }
 
 /// A TCP relay on loopback that can be made to swallow everything, as a
-/// pulled cable would, while both its connections stay open.
+/// pulled cable would, while both its connections stay open; or to hold
+/// back what flows one way until it is let through.
 struct Relay {
     port: u16,
-    swallowing: Arc<std::sync::atomic::AtomicBool>,
+    swallowing: Arc<AtomicBool>,
+    /// Holds back bytes from the dialer to the target.
+    holding_to_target: Arc<AtomicBool>,
+    /// Holds back bytes from the target to the dialer.
+    holding_to_dialer: Arc<AtomicBool>,
 }
 
 impl Relay {
     async fn to(target: u16) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let swallowing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hole = Arc::clone(&swallowing);
+        let relay = Self {
+            port,
+            swallowing: Arc::default(),
+            holding_to_target: Arc::default(),
+            holding_to_dialer: Arc::default(),
+        };
+        let hole = Arc::clone(&relay.swallowing);
+        let (to_target, to_dialer) = (
+            Arc::clone(&relay.holding_to_target),
+            Arc::clone(&relay.holding_to_dialer),
+        );
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
@@ -539,23 +554,39 @@ impl Relay {
                 };
                 let (from_in, to_in) = inbound.into_split();
                 let (from_out, to_out) = outbound.into_split();
-                tokio::spawn(Self::pipe(from_in, to_out, Arc::clone(&hole)));
-                tokio::spawn(Self::pipe(from_out, to_in, Arc::clone(&hole)));
+                tokio::spawn(Self::pipe(
+                    from_in,
+                    to_out,
+                    Arc::clone(&hole),
+                    Arc::clone(&to_target),
+                ));
+                tokio::spawn(Self::pipe(
+                    from_out,
+                    to_in,
+                    Arc::clone(&hole),
+                    Arc::clone(&to_dialer),
+                ));
             }
         });
-        Self { port, swallowing }
+        relay
     }
 
     async fn pipe(
         mut from: tokio::net::tcp::OwnedReadHalf,
         mut to: tokio::net::tcp::OwnedWriteHalf,
-        swallowing: Arc<std::sync::atomic::AtomicBool>,
+        swallowing: Arc<AtomicBool>,
+        holding: Arc<AtomicBool>,
     ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n @ 1..) = from.read(&mut buf).await {
-            if swallowing.load(std::sync::atomic::Ordering::Relaxed) {
+            if swallowing.load(Ordering::Relaxed) {
                 continue;
+            }
+            // Bytes held back wait here, and nothing more is read behind
+            // them, until they are let through.
+            while holding.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             if to.write_all(&buf[..n]).await.is_err() {
                 return;
@@ -564,9 +595,63 @@ impl Relay {
     }
 
     fn swallow(&self) {
-        self.swallowing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.swallowing.store(true, Ordering::Relaxed);
     }
+}
+
+/// A request goes out with its protocol id, without waiting a round trip
+/// for the answering side to confirm the protocol (decision 0024). With
+/// everything flowing towards the asking node held back, including that
+/// confirmation, the request still reaches the answering node and is
+/// answered; once the flow is let through, the answer arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_leaves_before_its_protocol_is_confirmed() {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let qhg_relay = Relay::to(net.port("QHG")).await;
+    let que_relay = Relay::to(net.port("QUE")).await;
+    net.relayed.push(("QHG".to_owned(), qhg_relay.port));
+    net.relayed.push(("QUE".to_owned(), que_relay.port));
+    let list = net.list(1, None, &[]);
+    let mut nodes = Vec::new();
+    for ods in ["QHG", "QUE"] {
+        let mut config = config(ods, net.addr(net.port(ods)));
+        // Long enough that neither a deadline nor a missed ping ends the
+        // exchange while the flow is held.
+        config.network.request_deadline_ms = 30_000;
+        config.network.ping_every_secs = 60;
+        config.network.ping_timeout_secs = 60;
+        nodes.push(start_with(&net, config, &list).await);
+    }
+    let (qhg, que) = (&nodes[0], &nodes[1]);
+    load(&que.node);
+    eventually("connected through the relays", || async {
+        connected(qhg).await == 1
+    })
+    .await;
+    // Whichever node dialed, hold back every byte on its way to QHG.
+    que_relay.holding_to_dialer.store(true, Ordering::Relaxed);
+    qhg_relay.holding_to_target.store(true, Ordering::Relaxed);
+    let answered_before = que.node.metrics.answered.load(Ordering::Relaxed);
+    let handle = qhg.handle.clone();
+    let asking = tokio::spawn(async move { handle.locate(locate_request()).await });
+    eventually_within(
+        "QUE answered a request whose protocol QHG never saw confirmed",
+        Duration::from_secs(10),
+        || async { que.node.metrics.answered.load(Ordering::Relaxed) > answered_before },
+    )
+    .await;
+    assert!(!asking.is_finished(), "the answer came through the hold");
+
+    que_relay.holding_to_dialer.store(false, Ordering::Relaxed);
+    qhg_relay.holding_to_target.store(false, Ordering::Relaxed);
+    let results = asking.await.unwrap().unwrap();
+    let que_result = result_for(&results, "QUE");
+    assert!(
+        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
+        "{:?}",
+        que_result.outcome
+    );
 }
 
 /// A peer that goes silent without closing its connection (here a relay
