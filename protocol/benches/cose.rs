@@ -11,6 +11,7 @@ use careweave_protocol::cose::Sign1;
 use careweave_protocol::envelope::{self, ProtocolId, Receive, Seal};
 use careweave_protocol::keys::KeyPair;
 use careweave_protocol::message::{LocateRequest, Purpose, RequesterContext};
+use careweave_protocol::record::{self, RecordLabel};
 use careweave_protocol::trust::{
     self, KeyUse, ListDocument, Member, MemberKey, MemberStatus, PeerEntry, Policy, Role, Root,
     RootDocument, TrustList,
@@ -180,6 +181,31 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("Ed25519 sign alone (floor)", |bench| {
         bench.iter(|| a.message.sign(black_box(b"floor")))
+    });
+    // Import signs every record: a 1 KiB FHIR resource, as the ingest
+    // figure's are.
+    let note = "word ".repeat(180);
+    let resource = format!(
+        r#"{{"resourceType":"Observation","id":"bench-1","meta":{{"versionId":"1"}},"status":"final","note":[{{"text":"{note}"}}]}}"#
+    );
+    let label = RecordLabel {
+        custodian: a.ods.clone(),
+        nhs_number: NhsNumber::parse("9990000018").unwrap(),
+        signed_at: T0,
+        resource_type: "Observation".into(),
+        resource_id: "bench-1".into(),
+        version: "1".into(),
+    };
+    c.bench_function(
+        "record of 1 KiB: sign_record (check, encode, sign)",
+        |bench| {
+            bench.iter(|| {
+                record::sign_record(black_box(resource.as_bytes()), &label, &a.message).unwrap()
+            })
+        },
+    );
+    c.bench_function("Ed25519 sign of 1 KiB alone (floor)", |bench| {
+        bench.iter(|| a.message.sign(black_box(resource.as_bytes())))
     });
     // A national locate brings 41 answers, each signed by another ICB.
     let answerers: Vec<KeyPair> = (0..41).map(|i| key(&format!("answerer {i}"))).collect();
