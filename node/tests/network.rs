@@ -187,6 +187,16 @@ fn result_for<'a>(results: &'a [IcbResult], ods: &str) -> &'a IcbResult {
         .unwrap_or_else(|| panic!("no result for {ods}"))
 }
 
+/// Asserts that `ods` answered with pointers.
+fn assert_pointers_from(results: &[IcbResult], ods: &str) {
+    let result = result_for(results, ods);
+    assert!(
+        matches!(result.outcome, IcbOutcome::Pointers { .. }),
+        "{ods}: {:?}",
+        result.outcome
+    );
+}
+
 fn locate_request() -> LocateRequest {
     LocateRequest {
         nhs_number: NhsNumber::parse("9990000018").unwrap(),
@@ -462,12 +472,7 @@ async fn a_stopped_node_is_reported_and_the_others_still_answer() {
         "{:?}",
         qm7_result.outcome
     );
-    let que_result = result_for(&results, "QUE");
-    assert!(
-        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
-        "{:?}",
-        que_result.outcome
-    );
+    assert_pointers_from(&results, "QUE");
 }
 
 /// Requests go out with their protocol id, without waiting for the
@@ -510,12 +515,7 @@ async fn a_member_that_does_not_speak_locate_is_reported_at_once() {
         "{:?}",
         qm7.outcome
     );
-    let que_result = result_for(&results, "QUE");
-    assert!(
-        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
-        "{:?}",
-        que_result.outcome
-    );
+    assert_pointers_from(&results, "QUE");
     other.abort();
 }
 
@@ -599,6 +599,33 @@ impl Relay {
     }
 }
 
+/// QHG and QUE, each reached through a relay of its own, connected, with
+/// QUE holding records. `tune` adjusts both nodes' configuration.
+async fn relayed_pair(tune: impl Fn(&mut NodeConfig)) -> ([Relay; 2], [Running; 2]) {
+    let mut net = Net::new(&["QHG", "QUE"]);
+    shift_to_now(&mut net);
+    let relays = [
+        Relay::to(net.port("QHG")).await,
+        Relay::to(net.port("QUE")).await,
+    ];
+    for (ods, relay) in ["QHG", "QUE"].into_iter().zip(&relays) {
+        net.relayed.push((ods.to_owned(), relay.port));
+    }
+    let list = net.list(1, None, &[]);
+    let start_one = |ods: &str| {
+        let mut config = config(ods, net.addr(net.port(ods)));
+        tune(&mut config);
+        start_with(&net, config, &list)
+    };
+    let nodes = [start_one("QHG").await, start_one("QUE").await];
+    load(&nodes[1].node);
+    eventually("connected through the relays", || async {
+        connected(&nodes[0]).await == 1
+    })
+    .await;
+    (relays, nodes)
+}
+
 /// A request goes out with its protocol id, without waiting a round trip
 /// for the answering side to confirm the protocol (decision 0024). With
 /// everything flowing towards the asking node held back, including that
@@ -606,27 +633,12 @@ impl Relay {
 /// answered; once the flow is let through, the answer arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_leaves_before_its_protocol_is_confirmed() {
-    let mut net = Net::new(&["QHG", "QUE"]);
-    shift_to_now(&mut net);
-    let qhg_relay = Relay::to(net.port("QHG")).await;
-    let que_relay = Relay::to(net.port("QUE")).await;
-    net.relayed.push(("QHG".to_owned(), qhg_relay.port));
-    net.relayed.push(("QUE".to_owned(), que_relay.port));
-    let list = net.list(1, None, &[]);
-    let mut nodes = Vec::new();
-    for ods in ["QHG", "QUE"] {
-        let mut config = config(ods, net.addr(net.port(ods)));
+    let ([qhg_relay, que_relay], [qhg, que]) = relayed_pair(|config| {
         // Long enough that neither a deadline nor a missed ping ends the
         // exchange while the flow is held.
         config.network.request_deadline_ms = 30_000;
         config.network.ping_every_secs = 60;
         config.network.ping_timeout_secs = 60;
-        nodes.push(start_with(&net, config, &list).await);
-    }
-    let (qhg, que) = (&nodes[0], &nodes[1]);
-    load(&que.node);
-    eventually("connected through the relays", || async {
-        connected(qhg).await == 1
     })
     .await;
     // Whichever node dialed, hold back every byte on its way to QHG.
@@ -646,12 +658,7 @@ async fn a_request_leaves_before_its_protocol_is_confirmed() {
     que_relay.holding_to_dialer.store(false, Ordering::Relaxed);
     qhg_relay.holding_to_target.store(false, Ordering::Relaxed);
     let results = asking.await.unwrap().unwrap();
-    let que_result = result_for(&results, "QUE");
-    assert!(
-        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
-        "{:?}",
-        que_result.outcome
-    );
+    assert_pointers_from(&results, "QUE");
 }
 
 /// A peer that goes silent without closing its connection (here a relay
@@ -660,35 +667,14 @@ async fn a_request_leaves_before_its_protocol_is_confirmed() {
 /// while every request to it waits out its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_stops_answering_pings_is_closed() {
-    let mut net = Net::new(&["QHG", "QUE"]);
-    shift_to_now(&mut net);
-    let mut relays = Vec::new();
-    for ods in ["QHG", "QUE"] {
-        let relay = Relay::to(net.port(ods)).await;
-        net.relayed.push((ods.to_owned(), relay.port));
-        relays.push(relay);
-    }
-    let list = net.list(1, None, &[]);
-    let mut nodes = Vec::new();
-    for ods in ["QHG", "QUE"] {
-        let mut config = config(ods, net.addr(net.port(ods)));
+    let (relays, [qhg, que]) = relayed_pair(|config| {
         config.network.ping_every_secs = 1;
         config.network.ping_timeout_secs = 1;
-        nodes.push(start_with(&net, config, &list).await);
-    }
-    let (qhg, que) = (&nodes[0], &nodes[1]);
-    load(&que.node);
-    eventually("connected through the relays", || async {
-        connected(qhg).await == 1
     })
     .await;
+    let (qhg, que) = (&qhg, &que);
     let results = qhg.handle.locate(locate_request()).await.unwrap();
-    let que_result = result_for(&results, "QUE");
-    assert!(
-        matches!(que_result.outcome, IcbOutcome::Pointers { .. }),
-        "{:?}",
-        que_result.outcome
-    );
+    assert_pointers_from(&results, "QUE");
 
     for relay in &relays {
         relay.swallow();
