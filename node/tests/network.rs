@@ -441,7 +441,7 @@ async fn a_member_that_keeps_sending_bad_messages_loses_its_connection() {
         que.node
             .metrics
             .connections_closed_for_bad_messages
-            .load(std::sync::atomic::Ordering::Relaxed),
+            .load(Ordering::Relaxed),
         1
     );
     assert_eq!(
@@ -683,7 +683,7 @@ async fn a_connection_that_stops_answering_pings_is_closed() {
         r.node
             .metrics
             .connections_closed_for_missed_pings
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(Ordering::Relaxed)
     };
     // The first ping times out after 1 s; the second goes out on a new
     // stream about 1 s later, and libp2p gives up negotiating it after 10 s.
@@ -955,12 +955,7 @@ async fn an_oversized_frame_is_refused_without_memory_growing_by_its_claim() {
         .parse()
         .unwrap();
     let before = rss_bytes();
-    let refused = || {
-        que.node
-            .metrics
-            .frames_too_large
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let refused = || que.node.metrics.frames_too_large.load(Ordering::Relaxed);
     // Send until four are refused for their size. An attempt whose connection
     // QUE refuses before reading a frame (for instance while its own dial to
     // QHG's absent address is pending, decision 0020) is not counted.
@@ -1074,10 +1069,7 @@ async fn a_peer_over_its_rate_gets_busy_answers_and_is_shut_out_if_it_ignores_th
         "held requests are counted"
     );
     assert_eq!(
-        que_node
-            .metrics
-            .flooding_shut_outs
-            .load(std::sync::atomic::Ordering::Relaxed),
+        que_node.metrics.flooding_shut_outs.load(Ordering::Relaxed),
         1,
         "shut out once for the cool-down"
     );
