@@ -10,7 +10,6 @@
 mod common;
 
 use careweave_node::audit::{self, AuditEntry};
-use careweave_node::import::Importer;
 use careweave_node::node::{
     BatchedRequest, FetchAnswer, Inbound, LocateAnswer, Node, OutboundRequest, RequestError,
     ResponseError,
@@ -33,24 +32,6 @@ fn ods(code: &str) -> OdsCode {
     OdsCode::parse(code).unwrap()
 }
 
-fn load_records(node: &Node) {
-    let importer = Importer {
-        store: &node.store,
-        record_key: &node.keys.record,
-        custodian: node.ods(),
-        config: &node.config,
-        now: T0 - DAY,
-    };
-    let (report, _, _) = importer
-        .import_bytes(
-            "multi-section.json",
-            common::BUNDLE.as_bytes(),
-            &mut |_, _| {},
-        )
-        .unwrap();
-    assert_eq!(report.stored, 9, "{report:?}");
-}
-
 fn locate_request(purpose: Purpose) -> LocateRequest {
     LocateRequest {
         nhs_number: nhs(),
@@ -70,7 +51,7 @@ fn pair() -> (TestNode, TestNode) {
     let (coordinator, list) = network();
     let qhg = open("QHG", &coordinator, &list);
     let que = open("QUE", &coordinator, &list);
-    load_records(&que.node);
+    common::load_bundle(&que.node);
     (qhg, que)
 }
 

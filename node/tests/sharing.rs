@@ -11,7 +11,6 @@ mod common;
 
 use careweave_node::audit::AuditEntry;
 use careweave_node::config::SharingSection;
-use careweave_node::import::Importer;
 use careweave_node::node::{FetchAnswer, Inbound, LocateAnswer, Node};
 use careweave_node::sharing::Agreement;
 use careweave_node::store::PatientFlags;
@@ -50,16 +49,7 @@ fn net() -> Net {
         que: open("QUE", &coordinator, &list),
         qm7: open("QM7", &coordinator, &list),
     };
-    let importer = Importer {
-        store: &net.que.node.store,
-        record_key: &net.que.node.keys.record,
-        custodian: net.que.node.ods(),
-        config: &net.que.node.config,
-        now: T0 - DAY,
-    };
-    importer
-        .import_bytes("bundle.json", common::BUNDLE.as_bytes(), &mut |_, _| {})
-        .unwrap();
+    common::load_bundle(&net.que.node);
     net
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
 use careweave_node::config::{self, NodeConfig};
+use careweave_node::import::Importer;
 use careweave_node::keys::NodeKeys;
 use careweave_node::node::Node;
 use careweave_node::store::Store;
@@ -146,9 +147,15 @@ pub struct TestNode {
 }
 
 pub fn open(ods: &str, coordinator: &Coordinator, list: &[u8]) -> TestNode {
+    open_with(config(ods), coordinator, list)
+}
+
+/// A node opened with `config`, its root and list installed.
+pub fn open_with(config: NodeConfig, coordinator: &Coordinator, list: &[u8]) -> TestNode {
+    let ods = config.node.ods.to_string();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store"), 4 << 20).unwrap();
-    let node = Node::new(config(ods), keys(ods), store, T0).unwrap();
+    let node = Node::new(config, keys(&ods), store, T0).unwrap();
     node.install_root(&coordinator.root_bytes(), T0).unwrap();
     node.install_list(list, T0).unwrap();
     TestNode { node, dir }
@@ -187,6 +194,22 @@ pub fn context(purpose: Purpose) -> RequesterContext {
 }
 
 pub const BUNDLE: &str = include_str!("../data/multi-section.json");
+
+/// Imports [`BUNDLE`] into `node` as of a day before T0: nine records for
+/// 999 000 0018.
+pub fn load_bundle(node: &Node) {
+    let importer = Importer {
+        store: &node.store,
+        record_key: &node.keys.record,
+        custodian: node.ods(),
+        config: &node.config,
+        now: T0 - DAY,
+    };
+    let (report, _, _) = importer
+        .import_bytes("multi-section.json", BUNDLE.as_bytes(), &mut |_, _| {})
+        .unwrap();
+    assert_eq!(report.stored, 9, "{report:?}");
+}
 
 /// The i-th synthetic NHS number (999 000 0000 onwards, valid check digit).
 pub fn nhs_for(i: usize) -> String {
