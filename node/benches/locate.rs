@@ -46,9 +46,6 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 /// Bytes an answer's audit entry takes in its segment (docs/benchmarks.md).
 const AUDIT_ENTRY_BYTES: usize = 490;
 
-/// Bytes of a signed locate answer with no pointers.
-const ANSWER_BYTES: usize = 273;
-
 /// A node as operators run it: the config template's audit checkpoints,
 /// not the test helpers' frequent ones.
 fn node(ods: &str, coordinator: &common::Coordinator, list: &[u8]) -> TestNode {
@@ -127,15 +124,21 @@ fn answering_node(c: &mut Criterion) {
         );
     });
 
-    let request_len = locate(&qhg, "9990000018").bytes.len();
+    // Sizes of one exchange about a patient not held, for the required work.
+    let one = locate(&qhg, &common::nhs_for(0));
+    let answer_len = answered(
+        que.node
+            .handle_request(ProtocolId::Locate, &one.bytes, &asker, T0),
+    )
+    .len();
     let client = key("required-work/client");
     let answerer = key("required-work/answerer");
-    let request = vec![7u8; request_len - 64];
+    let request = vec![7u8; one.bytes.len() - 64];
     let signature = client.sign(&request);
     let public = client.public_key();
     let mut audit = audit_file(que.dir.path());
     let entry = [1u8; AUDIT_ENTRY_BYTES];
-    let answer = [2u8; ANSWER_BYTES - 64];
+    let answer = vec![2u8; answer_len - 64];
     group.bench_function(
         "required work alone: verify_strict, append and fdatasync, sign",
         |b| {
