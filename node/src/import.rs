@@ -416,9 +416,8 @@ impl Importer<'_> {
             }
             if batch.len() >= batch_size {
                 self.sign_batch(&mut batch, &mut outcomes);
-                self.write_batch(&batch, &mut outcomes)?;
+                self.write_batch(std::mem::take(&mut batch), &mut outcomes)?;
                 progress(i + 1, total);
-                batch.clear();
             }
         }
         self.sign_batch(&mut batch, &mut outcomes);
@@ -432,7 +431,7 @@ impl Importer<'_> {
                 set(&mut outcomes, prepared.entry, EntryOutcome::NotApplied);
             }
         } else if !batch.is_empty() {
-            self.write_batch(&batch, &mut outcomes)?;
+            self.write_batch(batch, &mut outcomes)?;
         }
         progress(total, total);
         let outcomes: Vec<EntryOutcome> = outcomes
@@ -542,14 +541,17 @@ impl Importer<'_> {
         batch.retain(|p| p.label.is_none());
     }
 
+    /// Writes a batch, taking its records: copying each one for the store
+    /// would cost an allocation and a copy of every resource.
     fn write_batch(
         &self,
-        batch: &[Prepared],
+        batch: Vec<Prepared>,
         outcomes: &mut [Option<EntryOutcome>],
     ) -> Result<(), ImportError> {
-        let writes: Vec<RecordWrite> = batch.iter().map(|p| p.write.clone()).collect();
+        let (entries, writes): (Vec<usize>, Vec<RecordWrite>) =
+            batch.into_iter().map(|p| (p.entry, p.write)).unzip();
         let results = self.store.write_records(&writes)?;
-        for ((i, write), result) in batch.iter().map(|p| (&p.entry, &p.write)).zip(results) {
+        for ((i, write), result) in entries.iter().zip(&writes).zip(results) {
             let (key, version) = match write {
                 RecordWrite::Put(r) => (r.key(), r.version.clone()),
                 RecordWrite::Remove { resource_type, id } => {
