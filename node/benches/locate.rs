@@ -39,7 +39,7 @@ use careweave_node::node::{Inbound, OutboundRequest};
 use careweave_protocol::envelope::ProtocolId;
 use careweave_protocol::message::{LocateRequest, Purpose};
 use careweave_protocol::trust::Role;
-use careweave_protocol::{NhsNumber, OdsCode};
+use careweave_protocol::{NhsNumber, OdsCode, PeerIdBytes};
 use common::{T0, TestNode, context, key, network, open_with};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 
@@ -69,11 +69,22 @@ fn locate(asker: &TestNode, nhs_number: &str) -> OutboundRequest {
         .unwrap()
 }
 
-fn answered(inbound: Inbound) -> Vec<u8> {
-    match inbound {
+/// `answerer`'s answer to `request` from `asker`, as its answering thread
+/// makes it.
+fn answer(answerer: &TestNode, request: &OutboundRequest, asker: &PeerIdBytes) -> Vec<u8> {
+    match answerer
+        .node
+        .handle_request(ProtocolId::Locate, &request.bytes, asker, T0)
+    {
         Inbound::Reply(bytes) => bytes,
         Inbound::Drop(reason) => panic!("dropped: {reason}"),
     }
+}
+
+/// Appends `bytes` to `audit` and makes them durable.
+fn append_synced(audit: &mut File, bytes: &[u8]) {
+    audit.write_all(bytes).unwrap();
+    audit.sync_data().unwrap();
 }
 
 fn audit_file(dir: &Path) -> File {
@@ -101,12 +112,7 @@ fn answering_node(c: &mut Criterion) {
                 patient = (patient + 1) % 10_000;
                 locate(&qhg, &common::nhs_for(1_000 + patient))
             },
-            |request| {
-                answered(
-                    que.node
-                        .handle_request(ProtocolId::Locate, &request.bytes, &asker, T0),
-                )
-            },
+            |request| answer(&que, &request, &asker),
             BatchSize::SmallInput,
         );
     });
@@ -114,23 +120,14 @@ fn answering_node(c: &mut Criterion) {
     group.bench_function("locate, patient held (7 pointers): the whole answer", |b| {
         b.iter_batched(
             || locate(&qhg, "9990000018"),
-            |request| {
-                answered(
-                    que.node
-                        .handle_request(ProtocolId::Locate, &request.bytes, &asker, T0),
-                )
-            },
+            |request| answer(&que, &request, &asker),
             BatchSize::SmallInput,
         );
     });
 
     // Sizes of one exchange about a patient not held, for the required work.
     let one = locate(&qhg, &common::nhs_for(0));
-    let answer_len = answered(
-        que.node
-            .handle_request(ProtocolId::Locate, &one.bytes, &asker, T0),
-    )
-    .len();
+    let answer_len = answer(&que, &one, &asker).len();
     let client = key("required-work/client");
     let answerer = key("required-work/answerer");
     let request = vec![7u8; one.bytes.len() - 64];
@@ -144,16 +141,14 @@ fn answering_node(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 assert!(public.verify_strict(black_box(&request), &signature));
-                audit.write_all(&entry).unwrap();
-                audit.sync_data().unwrap();
+                append_synced(&mut audit, &entry);
                 black_box(answerer.sign(&answer))
             });
         },
     );
     group.bench_function("append and fdatasync alone", |b| {
         b.iter(|| {
-            audit.write_all(&entry).unwrap();
-            audit.sync_data().unwrap();
+            append_synced(&mut audit, &entry);
         });
     });
     group.finish();
@@ -208,14 +203,7 @@ fn asking_node(c: &mut Criterion) {
                     let answers: Vec<Vec<u8>> = sent
                         .iter()
                         .zip(&nodes)
-                        .map(|(request, answerer)| {
-                            answered(answerer.node.handle_request(
-                                ProtocolId::Locate,
-                                &request.bytes,
-                                &asker_peer,
-                                T0,
-                            ))
-                        })
+                        .map(|(request, answerer)| answer(answerer, request, &asker_peer))
                         .collect();
                     let started = Instant::now();
                     for (request, answer) in sent.iter().zip(&answers) {
@@ -239,13 +227,7 @@ fn asking_node(c: &mut Criterion) {
         .node
         .prepare_locate(&peers[1], &locate_for("9990000018"), T0)
         .unwrap();
-    let answer_len = answered(nodes[1].node.handle_request(
-        ProtocolId::Locate,
-        &one.bytes,
-        &asker_peer,
-        T0,
-    ))
-    .len();
+    let answer_len = answer(&nodes[1], &one, &asker_peer).len();
     let signer = key("required-work/asker");
     let request = vec![7u8; one.bytes.len() - 64];
     let answer = vec![2u8; answer_len - 64];
@@ -264,13 +246,11 @@ fn asking_node(c: &mut Criterion) {
                 for _ in 0..peers.len() {
                     black_box(signer.sign(black_box(&request)));
                 }
-                audit.write_all(&entries).unwrap();
-                audit.sync_data().unwrap();
+                append_synced(&mut audit, &entries);
                 for (public, signature) in &answers {
                     assert!(public.verify_strict(black_box(&answer), signature));
                 }
-                audit.write_all(&entries).unwrap();
-                audit.sync_data().unwrap();
+                append_synced(&mut audit, &entries);
             });
         },
     );
