@@ -850,25 +850,40 @@ impl FloorNet {
     }
 }
 
-/// Starts `count` floor nodes and connects a floor client to them.
-async fn floor_net(dir: &Path, count: usize, cleanup: &mut Cleanup) -> Result<FloorNet, String> {
+/// Starts `count` floor nodes and connects a floor client to them. With
+/// `protocols`, the nodes and the client run the other protocols DESIGN
+/// puts on every connection, and the nodes connect to each other as well
+/// (`floor` module).
+async fn floor_net(
+    dir: &Path,
+    count: usize,
+    protocols: bool,
+    cleanup: &mut Cleanup,
+) -> Result<FloorNet, String> {
     std::fs::create_dir_all(dir).map_err(err)?;
     let exe = std::env::current_exe().map_err(err)?;
     let work = AskingWork::new(floor::fresh_key()?, &dir.join("client.audit"))?;
     let client_key = hex::encode(work.public_key().as_bytes());
     let mut ready_files = Vec::new();
     let mut pids = Vec::new();
+    let mesh = dir.join("mesh");
+    let _ = std::fs::remove_file(&mesh);
     for i in 0..count {
         let ready = dir.join(format!("floor-{i}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .arg("floor-node")
             .arg("--ready")
             .arg(&ready)
             .arg("--client-key")
             .arg(&client_key)
             .arg("--audit")
-            .arg(dir.join(format!("floor-{i}.audit")))
+            .arg(dir.join(format!("floor-{i}.audit")));
+        if protocols {
+            command.arg("--mesh").arg(&mesh);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -878,8 +893,13 @@ async fn floor_net(dir: &Path, count: usize, cleanup: &mut Cleanup) -> Result<Fl
         cleanup.children.push(child);
         ready_files.push(ready);
     }
-    let client = FloorClient::start()?;
+    let client = if protocols {
+        FloorClient::start_with_protocols()?
+    } else {
+        FloorClient::start()?
+    };
     let mut peers = Vec::new();
+    let mut listed = Vec::new();
     for ready in ready_files {
         let deadline = Instant::now() + Duration::from_secs(30);
         let text = loop {
@@ -894,10 +914,22 @@ async fn floor_net(dir: &Path, count: usize, cleanup: &mut Cleanup) -> Result<Fl
         let (peer, addr) = floor::read_ready(&text)
             .ok_or_else(|| format!("bad floor ready file {}: {text:?}", ready.display()))?;
         client
-            .dial(peer.id, addr)
+            .dial(peer.id, addr.clone())
             .await
             .map_err(|e| format!("floor dial: {e}"))?;
+        listed.push((peer.id, addr));
         peers.push(peer);
+    }
+    if protocols {
+        // Written whole and then renamed, so no node reads half of it.
+        let partial = dir.join("mesh.partial");
+        std::fs::write(&partial, floor::mesh_text(&listed)).map_err(err)?;
+        std::fs::rename(&partial, &mesh).map_err(err)?;
+        // Time for the nodes to find the file, make their connections and
+        // let gossipsub form its mesh: 41 nodes took about 10 s of busy
+        // CPU here before settling at the idle rate of careweave's own.
+        let settle = Duration::from_millis(300) * u32::try_from(count).unwrap_or(u32::MAX);
+        tokio::time::sleep(Duration::from_secs(2) + settle).await;
     }
     Ok(FloorNet {
         client,
@@ -985,6 +1017,9 @@ struct LocateRuns {
     /// in a third block beside each pair; sequential runs only.
     signed: Vec<Latency>,
     signed_cpu: Vec<f64>,
+    /// The protocol floor's (`floor` module), in a fourth block.
+    protocol: Vec<Latency>,
+    protocol_cpu: Vec<f64>,
 }
 
 impl LocateRuns {
@@ -1000,6 +1035,8 @@ impl LocateRuns {
             floor_cpu: Vec::new(),
             signed: Vec::new(),
             signed_cpu: Vec::new(),
+            protocol: Vec::new(),
+            protocol_cpu: Vec::new(),
         }
     }
 }
@@ -1445,7 +1482,13 @@ async fn locate_figures(
     // the floor's figures moved by a fifth between runs, and whole runs in
     // turn still left its p50 moving from 11.8 to 18.9 ms in 20 minutes.
     say("starting the plain libp2p floor");
-    let floor = floor_net(&options.dir.join("floor"), scale.icbs - 1, &mut cleanup).await?;
+    let floor = floor_net(
+        &options.dir.join("floor"),
+        scale.icbs - 1,
+        false,
+        &mut cleanup,
+    )
+    .await?;
     let floor_cpu = CpuMeter::new(floor.pids.iter().copied());
     let floor_ids = floor.ids();
     let locate_request = floor::request_bytes(sizes.locate_request, sizes.locate_response);
@@ -1459,9 +1502,27 @@ async fn locate_figures(
     // is left between it and careweave is careweave's own.
     let signed_run =
         |count: usize| floor_cpu.per_request(count, floor_required_work_run(&floor, sizes, count));
+    // Separate floor nodes add the other protocols and the full mesh, so
+    // the plain floor stays plain.
+    say("starting the protocol floor");
+    let protocol_floor = floor_net(
+        &options.dir.join("floor-protocols"),
+        scale.icbs - 1,
+        true,
+        &mut cleanup,
+    )
+    .await?;
+    let protocol_floor_cpu = CpuMeter::new(protocol_floor.pids.iter().copied());
+    let protocol_run = |count: usize| {
+        protocol_floor_cpu.per_request(
+            count,
+            floor_required_work_run(&protocol_floor, sizes, count),
+        )
+    };
     locate_run(&first, &patients, WARM_UP, PARALLEL, None).await?;
     floor_run(WARM_UP, PARALLEL).await?;
     signed_run(WARM_UP).await?;
+    protocol_run(WARM_UP).await?;
     let nodes_cpu = CpuMeter::new(t.nodes.iter().filter_map(pid));
     let mut kinds = [
         LocateRuns::new(
@@ -1483,6 +1544,7 @@ async fn locate_figures(
             let (count, parallel) = (kind.count, kind.parallel);
             let (mut ours_ms, mut floor_ms, mut signed_ms) = (Vec::new(), Vec::new(), Vec::new());
             let (mut cpu_total, mut floor_cpu_total, mut signed_cpu_total) = (0.0, 0.0, 0.0);
+            let (mut protocol_ms, mut protocol_cpu_total) = (Vec::new(), 0.0);
             for block in blocks(count, kind.block) {
                 let size = block.len();
                 let ((ms, f, _), cpu) = nodes_cpu
@@ -1498,6 +1560,9 @@ async fn locate_figures(
                     let (ms, cpu) = signed_run(size).await?;
                     signed_ms.extend(ms);
                     signed_cpu_total += cpu * size as f64;
+                    let (ms, cpu) = protocol_run(size).await?;
+                    protocol_ms.extend(ms);
+                    protocol_cpu_total += cpu * size as f64;
                 }
             }
             let (ours, floor) = (latency(ours_ms), latency(floor_ms));
@@ -1530,6 +1595,19 @@ async fn locate_figures(
                 ));
                 kind.signed.push(signed);
                 kind.signed_cpu.push(signed_cpu);
+            }
+            if !protocol_ms.is_empty() {
+                let protocol = latency(protocol_ms);
+                let protocol_cpu = protocol_cpu_total / count.max(1) as f64;
+                say(&format!(
+                    "locate run {}: protocol floor p50 {:.2} ms p99 {:.2} ms, \
+                     {protocol_cpu:.1} ms CPU",
+                    run + 1,
+                    protocol.p50,
+                    protocol.p99,
+                ));
+                kind.protocol.push(protocol);
+                kind.protocol_cpu.push(protocol_cpu);
             }
         }
     }
@@ -1571,7 +1649,13 @@ async fn locate_figures(
             )
             .floor(floor_p999),
         );
-        if !kind.signed.is_empty() {
+        for (which, runs) in [
+            ("signed and audited floor", &kind.signed),
+            ("protocol floor", &kind.protocol),
+        ] {
+            if runs.is_empty() {
+                continue;
+            }
             for (name, floor, part) in [
                 (
                     "p50",
@@ -1582,12 +1666,9 @@ async fn locate_figures(
             ] {
                 figures.push(
                     Figure::new(
-                        format!(
-                            "signed and audited floor, {name}, {} ICBs, {label}",
-                            scale.icbs
-                        ),
+                        format!("{which}, {name}, {} ICBs, {label}", scale.icbs),
                         "ms",
-                        pick(&kind.signed, part),
+                        pick(runs, part),
                     )
                     .floor(floor),
                 );
@@ -1606,15 +1687,21 @@ async fn locate_figures(
             )
             .floor(median(&kind.floor_cpu)),
         );
-        if !kind.signed_cpu.is_empty() {
+        for (which, cpu) in [
+            ("signed and audited floor", &kind.signed_cpu),
+            ("protocol floor", &kind.protocol_cpu),
+        ] {
+            if cpu.is_empty() {
+                continue;
+            }
             figures.push(
                 Figure::new(
                     format!(
-                        "CPU per signed and audited floor locate, {} ICBs, {}",
+                        "CPU per {which} locate, {} ICBs, {}",
                         scale.icbs, kind.label
                     ),
                     "ms",
-                    kind.signed_cpu.clone(),
+                    cpu.clone(),
                 )
                 .floor(median(&kind.floor_cpu)),
             );
@@ -1844,7 +1931,7 @@ async fn fetch_figures(
         p99s.push(p99);
     }
     setup::stop_all(&dir);
-    let floor_fetch = floor_net(&options.dir.join("floor-fetch"), 1, &mut cleanup).await?;
+    let floor_fetch = floor_net(&options.dir.join("floor-fetch"), 1, false, &mut cleanup).await?;
     let floor_client = &floor_fetch.client;
     let floor_peer = floor_fetch.peers.first().ok_or("no floor node")?.id;
     let fetch_request = floor::request_bytes(sizes.fetch_request, sizes.fetch_response);

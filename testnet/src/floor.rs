@@ -17,6 +17,16 @@
 //! replay cache, policy, index, audit encoding or other behaviours. The
 //! answering end does its part on its event loop: the cheapest place when
 //! requests come one at a time, which is the only way the bench sends them.
+//!
+//! A floor node started with a mesh file also runs the other protocols
+//! DESIGN puts on every connection between nodes, beside locate: fetch and
+//! trust request-response (idle), gossipsub on the trust topic (strict,
+//! validating, heartbeat every second, as careweave's), identify, and
+//! careweave's own liveness pings. It dials every floor node listed after
+//! it in the mesh file, so the floor nodes hold a full mesh of connections,
+//! as DESIGN's nodes do. With the required work, this is the *protocol
+//! floor*: what any implementation of DESIGN must run on this machine for a
+//! locate, short of policy, storage and the audit entry's contents.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,13 +36,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use careweave_node::config::NetworkSection;
 use careweave_node::net::codec::FrameCodec;
+use careweave_node::net::{TRUST_TOPIC, liveness};
 use careweave_protocol::keys::{KeyPair, PublicKey};
 use futures::StreamExt;
 use libp2p::core::upgrade;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, gossipsub, identify, identity};
 use tokio::sync::{mpsc, oneshot};
 
 const PROTOCOL: &str = "/careweave-floor/1";
@@ -51,9 +63,15 @@ const NONCE: std::ops::Range<usize> = 5..21;
 /// (about 490 on disk, decision 0013), so the floor stays a lower bound.
 const AUDIT_ENTRY_BYTES: usize = 300;
 
-type Behaviour = request_response::Behaviour<FrameCodec>;
+type Frames = request_response::Behaviour<FrameCodec>;
+type FramesEvent = request_response::Event<Vec<u8>, Vec<u8>>;
+type BuildError = Box<dyn std::error::Error + Send + Sync>;
 
-fn swarm() -> Result<Swarm<Behaviour>, String> {
+/// How long a floor node waits for its mesh file before giving up.
+const MESH_WAIT: Duration = Duration::from_secs(120);
+
+/// Request-response on `protocol` over the floor's framing.
+fn frames(protocol: &'static str) -> Frames {
     let codec = FrameCodec {
         max_request: MAX_FRAME,
         max_response: MAX_FRAME,
@@ -62,6 +80,91 @@ fn swarm() -> Result<Swarm<Behaviour>, String> {
     let config = request_response::Config::default()
         .with_request_timeout(DEADLINE)
         .with_max_concurrent_streams(512);
+    request_response::Behaviour::with_codec(
+        codec,
+        [(StreamProtocol::new(protocol), ProtocolSupport::Full)],
+        config,
+    )
+}
+
+/// The floor's behaviour with the other protocols DESIGN runs on every
+/// connection (module documentation), configured as careweave's nodes
+/// configure them.
+#[allow(missing_debug_implementations)]
+#[derive(NetworkBehaviour)]
+pub struct WithProtocols {
+    locate: Frames,
+    fetch: Frames,
+    trust: Frames,
+    identify: identify::Behaviour,
+    ping: liveness::Behaviour,
+    gossip: gossipsub::Behaviour,
+}
+
+impl WithProtocols {
+    fn new(key: &identity::Keypair) -> Result<Self, BuildError> {
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            .max_transmit_size(MAX_FRAME)
+            .heartbeat_interval(Duration::from_secs(1))
+            .build()?;
+        let mut gossip = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )?;
+        gossip.subscribe(&gossipsub::IdentTopic::new(TRUST_TOPIC))?;
+        let defaults = NetworkSection::default();
+        Ok(Self {
+            locate: frames(PROTOCOL),
+            fetch: frames("/careweave-floor/fetch/1"),
+            trust: frames("/careweave-floor/trust/1"),
+            identify: identify::Behaviour::new(
+                identify::Config::new("/careweave-floor/1".into(), key.public())
+                    .with_agent_version(format!("careweave-floor/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: liveness::Behaviour::new(
+                Duration::from_secs(defaults.ping_every_secs),
+                Duration::from_secs(defaults.ping_timeout_secs),
+            ),
+            gossip,
+        })
+    }
+}
+
+/// A behaviour the floor can run: request-response on the floor's
+/// protocol, alone or beside others.
+pub trait FloorBehaviour: NetworkBehaviour {
+    /// The request-response behaviour that carries the floor's requests.
+    fn frames(&mut self) -> &mut Frames;
+    /// The floor's own request-response events; others are dropped.
+    fn frames_event(event: Self::ToSwarm) -> Option<FramesEvent>;
+}
+
+impl FloorBehaviour for Frames {
+    fn frames(&mut self) -> &mut Frames {
+        self
+    }
+    fn frames_event(event: FramesEvent) -> Option<FramesEvent> {
+        Some(event)
+    }
+}
+
+impl FloorBehaviour for WithProtocols {
+    fn frames(&mut self) -> &mut Frames {
+        &mut self.locate
+    }
+    fn frames_event(event: WithProtocolsEvent) -> Option<FramesEvent> {
+        match event {
+            WithProtocolsEvent::Locate(event) => Some(event),
+            _ => None,
+        }
+    }
+}
+
+fn swarm<B: NetworkBehaviour>(
+    behaviour: impl FnOnce(&identity::Keypair) -> Result<B, BuildError>,
+) -> Result<Swarm<B>, String> {
     Ok(libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -70,13 +173,7 @@ fn swarm() -> Result<Swarm<Behaviour>, String> {
             libp2p::yamux::Config::default,
         )
         .map_err(|e| e.to_string())?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new(PROTOCOL), ProtocolSupport::Full)],
-                config,
-            )
-        })
+        .with_behaviour(behaviour)
         .map_err(|e| e.to_string())?
         .with_swarm_config(|c| {
             // As careweave's nodes negotiate: the request goes with the
@@ -85,6 +182,27 @@ fn swarm() -> Result<Swarm<Behaviour>, String> {
                 .with_substream_upgrade_protocol_override(upgrade::Version::V1Lazy)
         })
         .build())
+}
+
+/// The floor nodes of a mesh, one `<peer id> <address>` line each, in the
+/// order they dial: each node dials those listed after it.
+pub fn mesh_text(nodes: &[(PeerId, Multiaddr)]) -> String {
+    nodes
+        .iter()
+        .map(|(id, addr)| format!("{id} {addr}\n"))
+        .collect()
+}
+
+/// The peers listed after `me` in a mesh file's text; `None` if `me` is not
+/// listed or a line is not a peer and an address.
+fn mesh_after(text: &str, me: &PeerId) -> Option<Vec<(PeerId, Multiaddr)>> {
+    let mut listed = Vec::new();
+    for line in text.lines() {
+        let (id, addr) = line.split_once(' ')?;
+        listed.push((id.parse::<PeerId>().ok()?, addr.parse::<Multiaddr>().ok()?));
+    }
+    let position = listed.iter().position(|(id, _)| id == me)?;
+    Some(listed.split_off(position + 1))
 }
 
 /// A request asking for a `response_len`-byte answer, `request_len` bytes long.
@@ -230,19 +348,62 @@ pub fn read_ready(text: &str) -> Option<(FloorPeer, Multiaddr)> {
 
 /// Runs a floor node until killed. Writes `<peer id> <address> <public key,
 /// hex>` to `ready` once it listens on 127.0.0.1. Without `work`, requests
-/// asking for the required work go unanswered.
-pub async fn serve(ready: &Path, work: Option<AnsweringWork>) -> Result<(), String> {
+/// asking for the required work go unanswered. With `mesh`, it runs the
+/// other protocols too and joins the mesh that file lists once it appears
+/// (module documentation).
+pub async fn serve(
+    ready: &Path,
+    work: Option<AnsweringWork>,
+    mesh: Option<&Path>,
+) -> Result<(), String> {
+    match mesh {
+        Some(mesh) => serve_on(swarm(WithProtocols::new)?, ready, work, Some(mesh)).await,
+        None => serve_on(swarm(|_| Ok(frames(PROTOCOL)))?, ready, work, None).await,
+    }
+}
+
+async fn serve_on<B: FloorBehaviour>(
+    mut swarm: Swarm<B>,
+    ready: &Path,
+    work: Option<AnsweringWork>,
+    mut mesh: Option<&Path>,
+) -> Result<(), String> {
     let public = match &work {
         Some(work) => work.key.public_key(),
         None => fresh_key()?.public_key(),
     };
-    let mut swarm = swarm()?;
     let addr: Multiaddr = "/ip4/127.0.0.1/tcp/0"
         .parse()
         .map_err(|e: libp2p::multiaddr::Error| e.to_string())?;
     swarm.listen_on(addr).map_err(|e| e.to_string())?;
+    let mut look_for_mesh = tokio::time::interval(Duration::from_millis(100));
+    let mesh_deadline = tokio::time::Instant::now() + MESH_WAIT;
     loop {
-        match swarm.select_next_some().await {
+        let event = tokio::select! {
+            event = swarm.select_next_some() => event,
+            _ = look_for_mesh.tick(), if mesh.is_some() => {
+                let Some(path) = mesh else { continue };
+                match std::fs::read_to_string(path) {
+                    Ok(text) => {
+                        let me = *swarm.local_peer_id();
+                        let peers = mesh_after(&text, &me).ok_or_else(|| {
+                            format!("mesh file {} does not list this node", path.display())
+                        })?;
+                        for (peer, addr) in peers {
+                            swarm.add_peer_address(peer, addr);
+                            swarm.dial(peer).map_err(|e| format!("mesh dial: {e}"))?;
+                        }
+                        mesh = None;
+                    }
+                    Err(_) if tokio::time::Instant::now() > mesh_deadline => {
+                        return Err(format!("mesh file {} never appeared", path.display()));
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
+        };
+        match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let line = format!(
                     "{} {address} {}",
@@ -251,13 +412,17 @@ pub async fn serve(ready: &Path, work: Option<AnsweringWork>) -> Result<(), Stri
                 );
                 std::fs::write(ready, line).map_err(|e| e.to_string())?;
             }
-            SwarmEvent::Behaviour(request_response::Event::Message {
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            }) => {
+            SwarmEvent::Behaviour(event) => {
+                let Some(request_response::Event::Message {
+                    message:
+                        request_response::Message::Request {
+                            request, channel, ..
+                        },
+                    ..
+                }) = B::frames_event(event)
+                else {
+                    continue;
+                };
                 let answer = match (request.get(4), &work) {
                     (Some(&WITH_REQUIRED_WORK), Some(work)) => work.answer(&request),
                     (Some(&WITH_REQUIRED_WORK), None) => Err("no required work here".into()),
@@ -265,7 +430,10 @@ pub async fn serve(ready: &Path, work: Option<AnsweringWork>) -> Result<(), Stri
                 };
                 // A refused request is dropped, and the asking end sees it fail.
                 if let Ok(answer) = answer {
-                    let _ = swarm.behaviour_mut().send_response(channel, answer);
+                    let _ = swarm
+                        .behaviour_mut()
+                        .frames()
+                        .send_response(channel, answer);
                 }
             }
             _ => {}
@@ -331,7 +499,16 @@ pub struct FloorClient {
 impl FloorClient {
     /// Starts the client's event loop on the current runtime.
     pub fn start() -> Result<Self, String> {
-        let swarm = swarm()?;
+        let swarm = swarm(|_| Ok(frames(PROTOCOL)))?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(client_loop(swarm, rx));
+        Ok(Self { commands: tx })
+    }
+
+    /// Starts a client that also runs the other protocols, for floor nodes
+    /// in a mesh.
+    pub fn start_with_protocols() -> Result<Self, String> {
+        let swarm = swarm(WithProtocols::new)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(client_loop(swarm, rx));
         Ok(Self { commands: tx })
@@ -413,7 +590,10 @@ impl FloorClient {
     }
 }
 
-async fn client_loop(mut swarm: Swarm<Behaviour>, mut commands: mpsc::Receiver<Command>) {
+async fn client_loop<B: FloorBehaviour>(
+    mut swarm: Swarm<B>,
+    mut commands: mpsc::Receiver<Command>,
+) {
     let mut pending: HashMap<OutboundRequestId, Reply> = HashMap::new();
     let mut dialling: HashMap<PeerId, oneshot::Sender<Result<(), String>>> = HashMap::new();
     loop {
@@ -428,7 +608,7 @@ async fn client_loop(mut swarm: Swarm<Behaviour>, mut commands: mpsc::Receiver<C
                     }
                 }
                 Some(Command::Request(peer, bytes, reply)) => {
-                    let id = swarm.behaviour_mut().send_request(&peer, bytes);
+                    let id = swarm.behaviour_mut().frames().send_request(&peer, bytes);
                     pending.insert(id, reply);
                 }
             },
@@ -443,21 +623,24 @@ async fn client_loop(mut swarm: Swarm<Behaviour>, mut commands: mpsc::Receiver<C
                         let _ = reply.send(Err(error.to_string()));
                     }
                 }
-                SwarmEvent::Behaviour(request_response::Event::Message {
-                    message: request_response::Message::Response { request_id, response },
-                    ..
-                }) => {
-                    if let Some(reply) = pending.remove(&request_id) {
-                        let _ = reply.send(Ok(response));
+                SwarmEvent::Behaviour(event) => match B::frames_event(event) {
+                    Some(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response },
+                        ..
+                    }) => {
+                        if let Some(reply) = pending.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
                     }
-                }
-                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
-                    request_id, error, ..
-                }) => {
-                    if let Some(reply) = pending.remove(&request_id) {
-                        let _ = reply.send(Err(error.to_string()));
+                    Some(request_response::Event::OutboundFailure {
+                        request_id, error, ..
+                    }) => {
+                        if let Some(reply) = pending.remove(&request_id) {
+                            let _ = reply.send(Err(error.to_string()));
+                        }
                     }
-                }
+                    _ => {}
+                },
                 _ => {}
             },
         }
@@ -471,12 +654,21 @@ mod tests {
     /// A floor node in this process, checking requests against `client`;
     /// returns it as the asking end knows it, and its audit file.
     async fn node(dir: &Path, client: PublicKey) -> (FloorPeer, Multiaddr, std::path::PathBuf) {
-        let ready = dir.join("node.ready");
-        let audit = dir.join("node.audit");
+        node_named(dir, "node", client, None).await
+    }
+
+    async fn node_named(
+        dir: &Path,
+        name: &str,
+        client: PublicKey,
+        mesh: Option<std::path::PathBuf>,
+    ) -> (FloorPeer, Multiaddr, std::path::PathBuf) {
+        let ready = dir.join(format!("{name}.ready"));
+        let audit = dir.join(format!("{name}.audit"));
         let work = AnsweringWork::new(client, &audit).unwrap();
         let key = work.key.public_key();
         let serving = ready.clone();
-        tokio::spawn(async move { serve(&serving, Some(work)).await });
+        tokio::spawn(async move { serve(&serving, Some(work), mesh.as_deref()).await });
         let text = loop {
             match std::fs::read_to_string(&ready) {
                 Ok(text) if !text.is_empty() => break text,
@@ -552,6 +744,67 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.contains("does not verify"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_protocol_floor_answers_with_the_required_work_across_its_mesh() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = AskingWork::new(fresh_key().unwrap(), &dir.path().join("client.audit")).unwrap();
+        let mesh = dir.path().join("mesh");
+        let mut peers = Vec::new();
+        let mut listed = Vec::new();
+        for name in ["a", "b", "c"] {
+            let (peer, addr, _) =
+                node_named(dir.path(), name, work.public_key(), Some(mesh.clone())).await;
+            listed.push((peer.id, addr));
+            peers.push(peer);
+        }
+        std::fs::write(&mesh, mesh_text(&listed)).unwrap();
+        let client = FloorClient::start_with_protocols().unwrap();
+        for (id, addr) in &listed {
+            client.dial(*id, addr.clone()).await.unwrap();
+        }
+        for _ in 0..3 {
+            client
+                .fan_out_with_required_work(&peers, &work, 435, 273)
+                .await
+                .unwrap();
+        }
+        for name in ["a", "b", "c"] {
+            let audit = dir.path().join(format!("{name}.audit"));
+            assert_eq!(len(&audit), 3 * AUDIT_ENTRY_BYTES as u64, "{name}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_left_out_of_its_mesh_file_stops_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = dir.path().join("mesh");
+        let other = (
+            PeerId::random(),
+            "/ip4/127.0.0.1/tcp/9".parse::<Multiaddr>().unwrap(),
+        );
+        std::fs::write(&mesh, mesh_text(&[other])).unwrap();
+        let error = serve(&dir.path().join("ready"), None, Some(&mesh))
+            .await
+            .unwrap_err();
+        assert!(error.contains("does not list this node"), "{error}");
+    }
+
+    #[test]
+    fn each_node_dials_the_nodes_listed_after_it() {
+        let nodes: Vec<(PeerId, Multiaddr)> = (0..3)
+            .map(|i| {
+                let addr = format!("/ip4/127.0.0.1/tcp/{}", 4000 + i);
+                (PeerId::random(), addr.parse().unwrap())
+            })
+            .collect();
+        let text = mesh_text(&nodes);
+        assert_eq!(mesh_after(&text, &nodes[0].0).unwrap(), nodes[1..].to_vec());
+        assert_eq!(mesh_after(&text, &nodes[2].0).unwrap(), Vec::new());
+        assert!(mesh_after(&text, &PeerId::random()).is_none());
+        assert!(mesh_after("not a peer\n", &nodes[0].0).is_none());
+        assert!(mesh_after(&format!("{}\n", nodes[0].0), &nodes[0].0).is_none());
     }
 
     #[test]

@@ -93,6 +93,10 @@ enum Command {
         /// The file this node appends its audit entries to.
         #[arg(long, requires = "client_key")]
         audit: Option<PathBuf>,
+        /// Run the other protocols too, and join the mesh of floor nodes
+        /// this file lists once it appears (`<peer id> <address>` lines).
+        #[arg(long)]
+        mesh: Option<PathBuf>,
     },
     /// Run one node (used by `up`; not for people).
     #[command(hide = true)]
@@ -391,6 +395,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ready,
             client_key,
             audit,
+            mesh,
         } => {
             let work = match (client_key, audit) {
                 (Some(key), Some(audit)) => {
@@ -402,7 +407,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 _ => None,
             };
             runtime()?
-                .block_on(floor::serve(&ready, work))
+                .block_on(floor::serve(&ready, work, mesh.as_deref()))
                 .map_err(anyhow::Error::msg)?;
             Ok(ExitCode::SUCCESS)
         }

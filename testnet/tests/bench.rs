@@ -68,6 +68,9 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         "signed and audited floor, p50, 5 ICBs, sequential",
         "signed and audited floor, p99, 5 ICBs, sequential",
         "CPU per signed and audited floor locate, 5 ICBs, sequential",
+        "protocol floor, p50, 5 ICBs, sequential",
+        "protocol floor, p99, 5 ICBs, sequential",
+        "CPU per protocol floor locate, 5 ICBs, sequential",
     ] {
         let f = named(part);
         assert!(f["value"].as_f64().unwrap().is_finite(), "{f}");
@@ -79,6 +82,7 @@ fn the_quick_benchmark_measures_every_figure_and_writes_both_files() {
         "fetch throughput",
         "CPU per locate, 5 ICBs, 8 in parallel",
         "signed and audited floor, p99, 5 ICBs, sequential",
+        "protocol floor, p99, 5 ICBs, sequential",
     ] {
         assert!(named(part)["floor"].as_f64().unwrap() > 0.0, "{part}");
     }
