@@ -850,16 +850,24 @@ impl FloorNet {
     }
 }
 
-/// Starts `count` floor nodes and connects a floor client to them. With
-/// `protocols`, the nodes and the client run the other protocols DESIGN
-/// puts on every connection, and the nodes connect to each other as well
-/// (`floor` module).
+/// Which floor a set of floor nodes makes (`floor` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FloorKind {
+    /// Request-response alone, each node connected only to the client.
+    Plain,
+    /// The other protocols DESIGN puts on every connection too, and the
+    /// nodes connected to each other as well.
+    WithProtocols,
+}
+
+/// Starts `count` floor nodes of `kind` and connects a floor client to them.
 async fn floor_net(
     dir: &Path,
     count: usize,
-    protocols: bool,
+    kind: FloorKind,
     cleanup: &mut Cleanup,
 ) -> Result<FloorNet, String> {
+    let protocols = kind == FloorKind::WithProtocols;
     std::fs::create_dir_all(dir).map_err(err)?;
     let exe = std::env::current_exe().map_err(err)?;
     let work = AskingWork::new(floor::fresh_key()?, &dir.join("client.audit"))?;
@@ -1485,7 +1493,7 @@ async fn locate_figures(
     let floor = floor_net(
         &options.dir.join("floor"),
         scale.icbs - 1,
-        false,
+        FloorKind::Plain,
         &mut cleanup,
     )
     .await?;
@@ -1508,7 +1516,7 @@ async fn locate_figures(
     let protocol_floor = floor_net(
         &options.dir.join("floor-protocols"),
         scale.icbs - 1,
-        true,
+        FloorKind::WithProtocols,
         &mut cleanup,
     )
     .await?;
@@ -1931,7 +1939,13 @@ async fn fetch_figures(
         p99s.push(p99);
     }
     setup::stop_all(&dir);
-    let floor_fetch = floor_net(&options.dir.join("floor-fetch"), 1, false, &mut cleanup).await?;
+    let floor_fetch = floor_net(
+        &options.dir.join("floor-fetch"),
+        1,
+        FloorKind::Plain,
+        &mut cleanup,
+    )
+    .await?;
     let floor_client = &floor_fetch.client;
     let floor_peer = floor_fetch.peers.first().ok_or("no floor node")?.id;
     let fetch_request = floor::request_bytes(sizes.fetch_request, sizes.fetch_response);
