@@ -26,7 +26,8 @@
 //! it in the mesh file, so the floor nodes hold a full mesh of connections,
 //! as DESIGN's nodes do. With the required work, this is the *protocol
 //! floor*: what any implementation of DESIGN must run on this machine for a
-//! locate, short of policy, storage and the audit entry's contents.
+//! locate, short of the trust list's checks, the replay cache, policy,
+//! storage, the audit entry's contents and the control socket.
 
 use std::collections::HashMap;
 use std::fs::File;
