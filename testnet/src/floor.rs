@@ -358,8 +358,14 @@ pub async fn serve(
     mesh: Option<&Path>,
 ) -> Result<(), String> {
     match mesh {
-        Some(mesh) => serve_on(swarm(WithProtocols::new)?, ready, work, Some(mesh)).await,
-        None => serve_on(swarm(|_| Ok(frames(PROTOCOL)))?, ready, work, None).await,
+        Some(mesh) => {
+            let swarm = swarm(WithProtocols::new)?;
+            serve_on(swarm, ready, work, Some(mesh), MESH_WAIT).await
+        }
+        None => {
+            let swarm = swarm(|_| Ok(frames(PROTOCOL)))?;
+            serve_on(swarm, ready, work, None, MESH_WAIT).await
+        }
     }
 }
 
@@ -368,6 +374,7 @@ async fn serve_on<B: FloorBehaviour>(
     ready: &Path,
     work: Option<AnsweringWork>,
     mut mesh: Option<&Path>,
+    mesh_wait: Duration,
 ) -> Result<(), String> {
     let public = match &work {
         Some(work) => work.key.public_key(),
@@ -378,7 +385,7 @@ async fn serve_on<B: FloorBehaviour>(
         .map_err(|e: libp2p::multiaddr::Error| e.to_string())?;
     swarm.listen_on(addr).map_err(|e| e.to_string())?;
     let mut look_for_mesh = tokio::time::interval(Duration::from_millis(100));
-    let mesh_deadline = tokio::time::Instant::now() + MESH_WAIT;
+    let mesh_deadline = tokio::time::Instant::now() + mesh_wait;
     loop {
         let event = tokio::select! {
             event = swarm.select_next_some() => event,
@@ -388,7 +395,10 @@ async fn serve_on<B: FloorBehaviour>(
                     Ok(text) => {
                         let me = *swarm.local_peer_id();
                         let peers = mesh_after(&text, &me).ok_or_else(|| {
-                            format!("mesh file {} does not list this node", path.display())
+                            format!(
+                                "mesh file {} is malformed or does not list this node",
+                                path.display()
+                            )
                         })?;
                         for (peer, addr) in peers {
                             swarm.add_peer_address(peer, addr);
@@ -790,6 +800,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.contains("does not list this node"), "{error}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_mesh_file_never_appears_stops_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = dir.path().join("mesh");
+        let ready = dir.path().join("ready");
+        let serving = serve_on(
+            swarm(WithProtocols::new).unwrap(),
+            &ready,
+            None,
+            Some(&mesh),
+            Duration::from_millis(300),
+        );
+        // Without the deadline it would wait for ever; fail instead.
+        let error = tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("still waiting for the mesh file")
+            .unwrap_err();
+        assert!(error.contains("never appeared"), "{error}");
     }
 
     #[test]
